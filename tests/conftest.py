@@ -1,0 +1,42 @@
+"""Test configuration: on machines without CUDA, run Triton kernels in the interpreter.
+
+The variable must be set before any module that defines ``@triton.jit`` kernels is
+imported, so it is set here, at collection time, before the tests import amips.
+"""
+
+import os
+from pathlib import Path
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not _HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path of ../shared/data; tests that use it skip cleanly where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present (a user's clone has none)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def device() -> str:
+    return "cuda" if _HAS_CUDA else "cpu"
