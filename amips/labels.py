@@ -13,7 +13,9 @@ done in three steps, the same on every device:
    top-k lies inside the candidates when ``upper < LB_k``; only candidates with
    ``s~ + err >= LB_k`` can belong to it.
 3. **Refine**: those candidates are re-scored in fp64 and ranked (score desc, index asc).
-   A query whose candidate set overflowed (``upper >= LB_k``) falls back to a full fp64 scan.
+   A query whose candidates could not be certified (``upper >= LB_k``: too many keys within
+   the bound) is screened again in exact-product fp32, whose bound is ~d·2^-24 instead of
+   ~2^-7; what still fails (masses of tied keys) falls back to a full fp64 scan.
 
 Keys larger than memory are streamed in shards from memory-mapped files; queries in
 batches. :func:`run_label_job` is the resumable pipeline behind ``amips labels``.
@@ -248,7 +250,11 @@ def _cpu_has_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> tf32 on CUDA, bf16 on CPUs with bf16 instructions, else fp32."""
+    """``auto`` -> bf16 on CUDA and on CPUs with bf16 instructions, else fp32.
+
+    Results are exact whatever the screening precision (see the module docstring); the
+    precision only moves work between the screen and the certification cascade.
+    """
     allowed = ("auto", "fp32", "tf32", "bf16")
     if precision not in allowed:
         raise InputError(f"precision: expected one of {allowed}, got {precision!r}")
@@ -257,7 +263,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             return "fp32"  # tf32 exists only on NVIDIA tensor cores
         return precision
     if device.type == "cuda":
-        return "tf32"
+        return "bf16"
     return "bf16" if _cpu_has_bf16() else "fp32"
 
 
@@ -512,9 +518,22 @@ class BatchLabeler:
         q64 = q.double()
         k = self.spec.topk or 1
         s, i, ok = _certify_and_refine(state["top"], k, q64, self.keys)
-        stats = {"queries": int(q.shape[0]), "fallback_queries": int((~ok).sum())}
+        stats = {"queries": int(q.shape[0]), "rescreened_queries": 0, "fallback_queries": 0}
+        if not bool(ok.all()) and self.precision != "fp32":
+            # cascade: a low-precision screen that could not separate the candidates is
+            # repeated in exact-product fp32 (bound ~ d * 2^-24) for those queries only
+            bad = torch.nonzero(~ok).ravel()
+            stats["rescreened_queries"] = int(bad.numel())
+            cand = None
+            for j in range(self.n_shards):
+                screened = _screen_topk(q[bad], self.shard(j), _screen_width(k, "fp32") + 3, "fp32")
+                cand = _merge(cand, screened, k)
+            rs, ri, rok = _certify_and_refine(cand, k, q64[bad], self.keys)
+            s[bad], i[bad] = rs, ri
+            ok[bad] = rok
         if not bool(ok.all()):
             bad = torch.nonzero(~ok).ravel()
+            stats["fallback_queries"] = int(bad.numel())
             fs, fi = _exact_fallback_topk(q64[bad], self.keys, k, self.spec.shard_size)
             s[bad], i[bad] = fs, fi
         out = {"top1_score": s[:, 0].float(), "top1_index": i[:, 0]}
@@ -552,12 +571,20 @@ def _as_output(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(array).to(device)
 
 
+def _default_batch_size(device: torch.device, n_partitions: int = 0) -> int:
+    """Queries per batch: large for throughput, smaller when [batch, lists] state is kept."""
+    size = 65536 if device.type == "cuda" else 16384
+    if n_partitions:
+        size = min(size, max(1024, (1 << 24) // n_partitions))
+    return size
+
+
 def _run_in_memory(q: torch.Tensor, ksrc: KeySource, spec: LabelSpec, batch_size: int | None,
                    device=None):
     device = torch.device(device) if device is not None else q.device
     labeler = BatchLabeler(ksrc, spec, device)
     if batch_size is None:
-        batch_size = 65536 if device.type == "cuda" else 16384
+        batch_size = _default_batch_size(device, spec.n_partitions)
     parts: dict[str, list[np.ndarray]] = {}
     for a in range(0, q.shape[0], batch_size):
         qb = q[a : a + batch_size].to(device=device, dtype=torch.float32).contiguous()
@@ -728,9 +755,6 @@ def run_label_job(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device: cuda requested but no CUDA device is available")
-    if batch_size is None:
-        batch_size = 65536 if dev.type == "cuda" else 16384
-    batch_size = check_positive_int(batch_size, "batch_size")
     precision_used = resolve_precision(precision, dev)
 
     part_ids = None
@@ -741,6 +765,9 @@ def run_label_job(
             raise InputError(f"partitions: expected a 1-D array of ids, got shape {raw.shape}")
         part_ids = check_int_vector(np.asarray(raw), "partitions", length=keys_arr.shape[0])
         n_partitions = int(part_ids.max()) + 1
+    if batch_size is None:
+        batch_size = _default_batch_size(dev, n_partitions)
+    batch_size = check_positive_int(batch_size, "batch_size")
 
     job = {
         "keys": file_fingerprint(keys_path),
@@ -785,7 +812,7 @@ def run_label_job(
     labeler = BatchLabeler(keys_src, spec, dev)
     n_batches = math.ceil(nq / batch_size)
     t0 = time.perf_counter()
-    stats_total = {"queries": 0, "fallback_queries": 0}
+    stats_total = {"queries": 0, "rescreened_queries": 0, "fallback_queries": 0}
     if part_ids is not None:
         stats_total["fallback_pairs"] = 0
     bar = tqdm(total=n_batches * labeler.n_shards, desc="labels", unit="shard", disable=not progress)

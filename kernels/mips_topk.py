@@ -150,7 +150,7 @@ if triton is not None:
             while tl.max(need.to(tl.int32), axis=0) > 0:
                 best = tl.max(scores, axis=1)
                 best_col = tl.min(
-                    tl.where(scores == best[:, None], cols[None, :], _INT32_MAX), axis=1
+                    tl.where(scores == best[:, None], cols[None, :], 2147483647), axis=1
                 )
                 take = (best > kth) & row_mask
                 # the slot to overwrite: the smallest entry, the highest index among equals

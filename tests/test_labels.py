@@ -222,3 +222,24 @@ def test_cuda_screening_precisions_are_certified_exact(precision):
     ref = oracle(q, k)
     order = np.lexsort((np.broadcast_to(np.arange(len(k)), ref.shape), -ref), axis=1)[:, :8]
     np.testing.assert_array_equal(i.cpu().numpy(), order)
+
+
+def test_certification_cascade_bf16_then_fp32_then_fp64():
+    """Masses of near-equal keys: the bf16 screen overflows, the fp32 re-screen certifies."""
+    from amips.labels import BatchLabeler, KeySource, LabelSpec
+
+    rng = np.random.default_rng(8)
+    d = 16
+    q = np.zeros((2, d), np.float32)
+    q[:, 0] = 1.0
+    keys = rng.standard_normal((1500, d)).astype(np.float32) * 0.01
+    keys[:, 0] = 1.0 + np.arange(1500, dtype=np.float32) * 6e-6  # distinct, within the bf16 bound
+    labeler = BatchLabeler(KeySource(keys), LabelSpec(precision="bf16"), torch.device("cpu"))
+    qt = torch.from_numpy(q)
+    out, stats = labeler.finish(qt, labeler.screen(qt, 0, None))
+    assert stats["rescreened_queries"] == 2 and stats["fallback_queries"] == 0
+    check_top1(q, keys, out["top1_score"], out["top1_index"])
+    tied = np.ones((1500, d), np.float32)  # exact ties: only the fp64 scan can settle them
+    labeler = BatchLabeler(KeySource(tied), LabelSpec(precision="bf16"), torch.device("cpu"))
+    out, stats = labeler.finish(qt, labeler.screen(qt, 0, None))
+    assert stats["fallback_queries"] == 2 and out["top1_index"].tolist() == [0, 0]
