@@ -23,7 +23,6 @@ batches. :func:`run_label_job` is the resumable pipeline behind ``amips labels``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -36,6 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._io import (
+    atomic_save_npy,
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_bytes,
+    file_fingerprint,
+)
 from ._validate import (
     InputError,
     all_finite,
@@ -95,8 +101,6 @@ class KeySource:
             else:
                 block = torch.from_numpy(np.array(rows, dtype=np.float32, order="C"))
             block = block.to(device)
-        if not all_finite(block):
-            raise InputError(f"{self.name}: contains NaN or inf values (rows {start}..{stop - 1})")
         return block.contiguous()
 
     def rows64(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -278,8 +282,11 @@ class _Shard:
 
 def _load_shard(keys: KeySource, start: int, stop: int, device: torch.device, precision: str) -> _Shard:
     block = keys.shard(start, stop, device)
-    # fp32 norms, inflated far beyond their rounding error: they only enter upper bounds
+    # fp32 norms, inflated far beyond their rounding error: they only enter upper bounds.
+    # NaN/inf in a row make its norm non-finite, so this pass also checks the keys.
     norms = torch.linalg.vector_norm(block, dim=1).double() * (1 + 1e-5)
+    if not bool(torch.isfinite(norms).all()) and not all_finite(block):
+        raise InputError(f"{keys.name}: contains NaN or inf values (rows {start}..{stop - 1})")
     shard = _Shard(start, block, norms)
     if device.type == "cpu" and precision == "bf16":
         shard.keys_bf16 = block.to(torch.bfloat16)
@@ -346,6 +353,23 @@ def _cpu_fp32_topk(q: torch.Tensor, keys: torch.Tensor, kp: int):
     return s, i
 
 
+def _at_least(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """``scores >= threshold[:, None]`` for a bf16 score tile, without upcasting the tile.
+
+    For a bf16 value ``s``, ``s >= t`` exactly when ``s >= ceil(t)``, ``ceil`` the smallest
+    bf16 (or fp32) value not below ``t``. For positive thresholds the comparison then runs on
+    the int16 bit patterns: non-negative bf16 values order like their bits, and negative ones
+    have the sign bit set (negative as int16), below any positive threshold.
+    """
+    if bool((threshold > 0).all()):
+        t16 = threshold.to(torch.bfloat16)
+        t16 = torch.where(t16.double() < threshold, (t16.view(torch.int16) + 1).view(torch.bfloat16), t16)
+        return scores.view(torch.int16) >= t16.view(torch.int16)[:, None]
+    t32 = threshold.float()
+    t32 = torch.where(t32.double() < threshold, torch.nextafter(t32, torch.full_like(t32, math.inf)), t32)
+    return scores >= t32[:, None]
+
+
 def _screen_top1_cpu_bf16(q: torch.Tensor, shard: _Shard) -> Candidates:
     """CPU top-1 screen: bf16 matmul tiles, keep every key within the bound of the best.
 
@@ -376,7 +400,7 @@ def _screen_top1_cpu_bf16(q: torch.Tensor, shard: _Shard) -> Candidates:
             # updated bound keeps, and the update then needs the maxima of those keys only.
             threshold = lower - err - delta[t0:t1]
             # numpy's flatnonzero is an order of magnitude faster than torch.nonzero on CPU
-            flat = torch.from_numpy(np.flatnonzero((scores >= threshold.float()[:, None]).numpy()))
+            flat = torch.from_numpy(np.flatnonzero(_at_least(scores, threshold).numpy()))
             if flat.numel() == 0:
                 continue
             r, cols = flat // scores.shape[1], flat % scores.shape[1]
@@ -658,47 +682,6 @@ PARTIAL_DIR = ".amips_labels_partial"
 MANIFEST = "labels.json"
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, array)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def file_fingerprint(path: str | os.PathLike) -> dict:
-    """Identity of an input file: path, size, mtime and a hash of its first and last MiB."""
-    p = Path(path)
-    st = p.stat()
-    h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        h.update(fh.read(1 << 20))
-        if st.st_size > (2 << 20):
-            fh.seek(-(1 << 20), os.SEEK_END)
-            h.update(fh.read(1 << 20))
-    return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "sha256_head_tail": h.hexdigest()}
-
-
 OUTPUT_FILES = {
     "top1_index": "top1_index.npy",
     "top1_score": "top1_score.npy",
@@ -803,7 +786,7 @@ def run_label_job(
                     f"out: {partial} holds partial work of a different job (inputs or options "
                     "changed); pass --overwrite to discard it"
                 )
-    _atomic_write_bytes(job_file, json.dumps(job, indent=2).encode())
+    atomic_write_bytes(job_file, json.dumps(job, indent=2).encode())
 
     nq = queries_arr.shape[0]
     keys_src = KeySource(keys_arr, "keys")
@@ -841,17 +824,13 @@ def run_label_job(
             if labeler.n_shards > 1 and j + 1 < labeler.n_shards:
                 blob = {name: c.to("cpu").state() for name, c in state.items()}
                 blob["next_shard"] = j + 1
-                _atomic_torch_save(state_file, blob)
+                atomic_torch_save(state_file, blob)
             bar.update(1)
         result, stats = labeler.finish(q, state)
         for key in stats_total:
             stats_total[key] += stats[key]
-        tmp = part_file.with_name(part_file.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **result, **{f"stat_{k}": np.int64(v) for k, v in stats.items()})
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, part_file)
+        payload = {**result, **{f"stat_{k}": np.int64(v) for k, v in stats.items()}}
+        atomic_write(part_file, lambda fh, payload=payload: np.savez(fh, **payload))
         if state_file.exists():
             state_file.unlink()
     bar.close()
@@ -869,7 +848,7 @@ def run_label_job(
             arr = arr.astype(np.int64)
         else:
             arr = arr.astype(np.float32)
-        _atomic_save_npy(out / OUTPUT_FILES[name], arr)
+        atomic_save_npy(out / OUTPUT_FILES[name], arr)
     for p in parts:
         p.close()
     elapsed = time.perf_counter() - t0
@@ -884,6 +863,6 @@ def run_label_job(
         "certification": stats_total,
         "seconds_last_run": round(elapsed, 3),
     }
-    _atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2).encode())
+    atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2).encode())
     shutil.rmtree(partial)
     return manifest

@@ -18,11 +18,9 @@ keys x 384, 10,000 test queries); on GPU also a synthetic scale-up (nq = 256k, n
 from __future__ import annotations
 
 import argparse
-import csv
 import multiprocessing as mp
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,31 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-OUT = ROOT / "bench" / "out"
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                       stderr=subprocess.DEVNULL, text=True).strip()
-    except Exception:
-        return "unknown"
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    model = "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DATA, OUT, device_name, git_sha, write_csv  # noqa: E402
 
 
 # ---------------------------------------------------------------- providers
@@ -280,11 +255,7 @@ def main(argv=None):
             table.append((name, prov, precision, sec, tflops, metrics["ratio_to_ceiling"],
                           metrics["peak_mem_mb"], exact))
 
-    csv_path = OUT / f"labels_{device}.csv"
-    with open(csv_path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(rows)
+    csv_path = write_csv(rows, OUT / f"labels_{device}.csv")
     try:
         import matplotlib
 

@@ -243,3 +243,18 @@ def test_certification_cascade_bf16_then_fp32_then_fp64():
     labeler = BatchLabeler(KeySource(tied), LabelSpec(precision="bf16"), torch.device("cpu"))
     out, stats = labeler.finish(qt, labeler.screen(qt, 0, None))
     assert stats["fallback_queries"] == 2 and out["top1_index"].tolist() == [0, 0]
+
+
+def test_bf16_bitwise_threshold_compare_equals_float_compare():
+    from amips.labels import _at_least
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(64, 300, generator=g).bfloat16()
+    for threshold in (
+        torch.rand(64, generator=g, dtype=torch.float64) + 0.01,  # positive: int16 path
+        torch.randn(64, generator=g, dtype=torch.float64),  # mixed signs: float path
+        scores[:, 7].double(),  # exactly representable thresholds (ties count as >=)
+        scores[:, 7].double() + 1e-9,
+    ):
+        expected = scores.double() >= threshold[:, None]
+        assert torch.equal(_at_least(scores, threshold), expected)
