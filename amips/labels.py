@@ -414,24 +414,72 @@ def _screen_top1_cpu_bf16(q: torch.Tensor, shard: _Shard) -> Candidates:
             s_l.append(cand.float())
             e_l.append(err[r])
         best_lower[t0:t1] = lower
-    rows = torch.cat(rows_l)
-    cols = torch.cat(cols_l)
-    s = torch.cat(s_l)
-    e = torch.cat(e_l)
-    # pad into [B, W]: position of each entry within its row
-    counts = torch.bincount(rows, minlength=q.shape[0])
-    width = max(1, int(counts.max()))
-    order = torch.argsort(rows, stable=True)
-    rows, cols, s, e = rows[order], cols[order], s[order], e[order]
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(rows.shape[0]) - starts[rows]
-    out_s = torch.full((q.shape[0], width), -math.inf, dtype=torch.float32)
-    out_i = torch.full((q.shape[0], width), -1, dtype=torch.int64)
-    out_e = torch.zeros((q.shape[0], width), dtype=torch.float64)
-    out_s[rows, pos] = s
-    out_i[rows, pos] = cols + shard.start
-    out_e[rows, pos] = e
+    out_s, out_i, out_e = _pad_groups(
+        torch.cat(rows_l), q.shape[0], torch.cat(cols_l) + shard.start, torch.cat(s_l), torch.cat(e_l)
+    )
     return Candidates(out_s, out_i, out_e, best_lower - delta / 2)
+
+
+def _pad_groups(group: torch.Tensor, n_groups: int, index: torch.Tensor, scores: torch.Tensor,
+                err: torch.Tensor):
+    """Scatter flat candidates (group id, key index, score, bound) into padded [G, W] rows."""
+    counts = torch.bincount(group, minlength=n_groups)
+    width = max(1, int(counts.max())) if group.numel() else 1
+    order = torch.argsort(group, stable=True)
+    group, index, scores, err = group[order], index[order], scores[order], err[order]
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(group.shape[0], device=group.device) - starts[group]
+    out_s = torch.full((n_groups, width), -math.inf, dtype=torch.float32, device=group.device)
+    out_i = torch.full((n_groups, width), -1, dtype=torch.int64, device=group.device)
+    out_e = torch.zeros((n_groups, width), dtype=torch.float64, device=group.device)
+    out_s[group, pos] = scores.float()
+    out_i[group, pos] = index
+    out_e[group, pos] = err.double()
+    return out_s, out_i, out_e
+
+
+def _screen_partitions_cpu(
+    q: torch.Tensor, shard: _Shard, part_ids: torch.Tensor, n_partitions: int
+) -> Candidates:
+    """CPU per-partition screen: fp32 matmul blocks, a running max per (query, partition),
+    and every key within ``2 E`` of its partition's max kept (``E = c ||q|| max_p ||k||``).
+
+    No sorting: a scatter-max per block, one compare against the per-column threshold, and
+    numpy's flatnonzero. A dropped key has ``s~ + E < m - E - delta = LB - delta``, with ``m``
+    the partition's screened max and ``LB`` its certified lower bound, so ``upper`` is
+    ``LB - delta/2``. Candidates come out as [B, P, W].
+    """
+    B, P = q.shape[0], n_partitions
+    c = screening_error_bound(q.shape[1], "fp32")
+    qn = torch.linalg.vector_norm(q, dim=1).double() * (1 + 1e-5)
+    seg_norm = torch.zeros(P, dtype=torch.float64)
+    seg_norm.scatter_reduce_(0, part_ids, shard.norms, reduce="amax")
+    err = c * qn[:, None] * seg_norm[None, :]  # [B, P]
+    delta = 1e-6 * qn[:, None] * seg_norm[None, :] + 1e-30
+    running = torch.full((B, P), -math.inf, dtype=torch.float32)
+    q_rows, cols_l, s_l = [], [], []
+    block = 16384
+    for a in range(0, shard.keys.shape[0], block):
+        scores = q @ shard.keys[a : a + block].T
+        seg = part_ids[a : a + block]
+        running.scatter_reduce_(1, seg[None, :].expand_as(scores), scores, reduce="amax")
+        threshold = (running.double() - 2 * err - delta).float()
+        flat = torch.from_numpy(np.flatnonzero((scores >= threshold[:, seg]).numpy()))
+        r, col = flat // scores.shape[1], flat % scores.shape[1]
+        q_rows.append(r)
+        cols_l.append(col + a)
+        s_l.append(scores[r, col])
+    rows = torch.cat(q_rows)
+    cols = torch.cat(cols_l)
+    parts = part_ids[cols]
+    group = rows * P + parts
+    out_s, out_i, out_e = _pad_groups(group, B * P, cols + shard.start, torch.cat(s_l),
+                                      err.reshape(-1)[group])
+    width = out_s.shape[1]
+    lower = running.double() - err
+    upper = torch.where(torch.isneginf(lower), lower, lower - delta / 2)
+    return Candidates(out_s.view(B, P, width), out_i.view(B, P, width),
+                      out_e.view(B, P, width), upper)
 
 
 def _screen_partitions(
@@ -526,23 +574,46 @@ class BatchLabeler:
         state = dict(state or {})
         shard = self.shard(j)
         k = self.spec.topk or 1
-        if self.spec.topk is None and not _use_kernel(q) and self.precision == "bf16":
-            cand = _screen_top1_cpu_bf16(q, shard)
-        else:
-            cand = _screen_topk(q, shard, _screen_width(k, self.precision), self.precision)
-        state["top"] = _merge(state.get("top"), cand, k)
+        if self._needs_top_screen:
+            if self.spec.topk is None and not _use_kernel(q) and self.precision == "bf16":
+                cand = _screen_top1_cpu_bf16(q, shard)
+            else:
+                cand = _screen_topk(q, shard, _screen_width(k, self.precision), self.precision)
+            state["top"] = _merge(state.get("top"), cand, k)
         if self.spec.partitions is not None:
             ids = self.spec.partitions[shard.start : shard.start + shard.keys.shape[0]].to(q.device)
-            kp = _screen_width(1, self.precision)
-            part = _screen_partitions(q, shard, ids, self.spec.n_partitions, kp, self.precision)
+            if _use_kernel(q):
+                kp = _screen_width(1, self.precision)
+                part = _screen_partitions(q, shard, ids, self.spec.n_partitions, kp, self.precision)
+            else:
+                part = _screen_partitions_cpu(q, shard, ids, self.spec.n_partitions)
             state["part"] = _merge(state.get("part"), part, 1)
         return state
 
+    @property
+    def _needs_top_screen(self) -> bool:
+        # with partitions, the exact top-1 is the best of the lists' exact top-1s
+        return self.spec.partitions is None or self.spec.topk is not None
+
     def finish(self, q: torch.Tensor, state: dict[str, Candidates]) -> tuple[dict[str, np.ndarray], dict]:
         q64 = q.double()
-        k = self.spec.topk or 1
-        s, i, ok = _certify_and_refine(state["top"], k, q64, self.keys)
         stats = {"queries": int(q.shape[0]), "rescreened_queries": 0, "fallback_queries": 0}
+        out = {}
+        if self._needs_top_screen:
+            out.update(self._finish_top(q, q64, state["top"], stats))
+        if self.spec.partitions is not None:
+            ps, pi = self._finish_partitions(q64, state["part"], stats)
+            out["partition_score"], out["partition_index"] = ps.float(), pi
+            if not self._needs_top_screen:
+                # best list first by exact score, then by lowest key index among equal scores
+                big = torch.iinfo(torch.int64).max
+                s64, i64 = _rank_exact(ps, pi.masked_fill(pi < 0, big), 1)
+                out["top1_score"], out["top1_index"] = s64[:, 0].float(), i64[:, 0]
+        return {name: t.cpu().numpy() for name, t in out.items()}, stats
+
+    def _finish_top(self, q, q64, cand: Candidates, stats: dict) -> dict[str, torch.Tensor]:
+        k = self.spec.topk or 1
+        s, i, ok = _certify_and_refine(cand, k, q64, self.keys)
         if not bool(ok.all()) and self.precision != "fp32":
             # cascade: a low-precision screen that could not separate the candidates is
             # repeated in exact-product fp32 (bound ~ d * 2^-24) for those queries only
@@ -563,17 +634,18 @@ class BatchLabeler:
         out = {"top1_score": s[:, 0].float(), "top1_index": i[:, 0]}
         if self.spec.topk is not None:
             out["topk_score"], out["topk_index"] = s.float(), i
-        if self.spec.partitions is not None:
-            ps, pi, pok = _certify_and_refine(state["part"], 1, q64, self.keys)
-            ps, pi = ps[..., 0], pi[..., 0]
-            stats["fallback_pairs"] = int((~pok).sum())
-            if not bool(pok.all()):
-                for p in torch.unique(torch.nonzero(~pok)[:, 1]).tolist():
-                    rows = torch.nonzero(~pok[:, p]).ravel()
-                    fs, fi = _exact_fallback_partition(q64[rows], self.keys, self.spec.partitions, p)
-                    ps[rows, p], pi[rows, p] = fs, fi
-            out["partition_score"], out["partition_index"] = ps.float(), pi
-        return {name: t.cpu().numpy() for name, t in out.items()}, stats
+        return out
+
+    def _finish_partitions(self, q64, cand: Candidates, stats: dict):
+        ps, pi, pok = _certify_and_refine(cand, 1, q64, self.keys)
+        ps, pi = ps[..., 0], pi[..., 0]
+        stats["fallback_pairs"] = int((~pok).sum())
+        if not bool(pok.all()):
+            for p in torch.unique(torch.nonzero(~pok)[:, 1]).tolist():
+                rows = torch.nonzero(~pok[:, p]).ravel()
+                fs, fi = _exact_fallback_partition(q64[rows], self.keys, self.spec.partitions, p)
+                ps[rows, p], pi[rows, p] = fs, fi
+        return ps, pi
 
 
 # ----------------------------------------------------------------------------------------
