@@ -1,0 +1,156 @@
+"""``amips index``: build an IVF index (k-means lists, optional PQ codes), inspect, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .._validate import InputError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "index",
+        help="build an IVF index over keys (k-means lists, optional PQ), inspect or export it",
+        description="Build, inspect or export an amips IVF index.",
+    )
+    isub = p.add_subparsers(dest="index_command", metavar="ACTION")
+    b = isub.add_parser(
+        "build",
+        help="k-means the keys into lists and write INDEXDIR",
+        description=(
+            "Partition the keys with k-means and write INDEXDIR: index.json, centroids.npy, "
+            "partitions.npy (list id of every key, for `amips train --partitions`), "
+            "lists.safetensors, and pq.safetensors with --pq-subspaces. Every file is written "
+            "atomically; a killed build resumes from its k-means when rerun."
+        ),
+    )
+    b.add_argument("--keys", required=True, help="keys: .npy, .fvecs/.bvecs, or file.hdf5:train")
+    b.add_argument("--n-lists", type=int, required=True, help="number of IVF lists (about sqrt(n_keys))")
+    b.add_argument("--out", required=True, help="output folder INDEXDIR")
+    b.add_argument("--metric", choices=["ip", "l2"], default="ip",
+                   help="k-means: ip = spherical (default), l2 = Euclidean")
+    b.add_argument("--iters", type=int, default=20, help="k-means iterations (default 20)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    b.add_argument("--kmeans-backend", choices=["auto", "torch", "faiss"], default="auto",
+                   help="auto: faiss on CPU, torch on CUDA")
+    b.add_argument("--partitions", default=None,
+                   help="use this .npy of list ids (one per key) instead of k-means")
+    b.add_argument("--storage", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="dtype of the stored keys (default float32)")
+    b.add_argument("--pq-subspaces", type=int, default=None, help="also train a PQ scanner with M subspaces")
+    b.add_argument("--pq-bits", type=int, choices=[4, 8], default=4, help="bits per PQ code (4 or 8)")
+    b.add_argument("--anisotropic-threshold", type=float, default=None,
+                   help="score-aware PQ loss threshold T (default: reconstruction loss)")
+    b.add_argument("--force", action="store_true", help="overwrite an existing index in --out")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=run_build)
+
+    i = isub.add_parser("info", help="print an index's summary")
+    i.add_argument("index", help="INDEXDIR")
+    i.set_defaults(func=run_info)
+
+    e = isub.add_parser("export-faiss", help="write the index as a faiss IVF index file")
+    e.add_argument("index", help="INDEXDIR")
+    e.add_argument("--out", required=True, help="faiss index file to write")
+    e.add_argument("--kind", choices=["flat", "pqfs"], default="flat",
+                   help="flat = IndexIVFFlat, pqfs = IndexIVFPQFastScan (4-bit)")
+    e.add_argument("--pq-subspaces", type=int, default=None, help="PQ subspaces for --kind pqfs (default d/2)")
+    e.set_defaults(func=run_export)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _fingerprint(args, keys: np.ndarray) -> dict:
+    return {
+        "keys": str(Path(args.keys).resolve()) if ":" not in args.keys else args.keys,
+        "shape": list(keys.shape),
+        "n_lists": args.n_lists,
+        "metric": args.metric,
+        "iters": args.iters,
+        "seed": args.seed,
+        "partitions": args.partitions,
+    }
+
+
+def run_build(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data import load_array
+    from ..index.ivf import IVFIndex, atomic_save_json, atomic_save_npy
+    from ..index.kmeans import kmeans
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"out: {out} exists and is not a folder")
+    if (out / "index.json").exists() and not args.force:
+        raise InputError(f"out: {out} already holds an index; pass --force to rebuild it")
+    keys_np = load_array(args.keys, name="keys")
+    if keys_np.ndim != 2:
+        raise InputError(f"keys: expected a 2-D array, got shape {keys_np.shape}")
+    if args.n_lists < 1 or args.n_lists > keys_np.shape[0]:
+        raise InputError(f"n-lists: must be in [1, {keys_np.shape[0]}], got {args.n_lists}")
+    keys = torch.from_numpy(np.array(keys_np, dtype=np.float32, order="C"))
+    out.mkdir(parents=True, exist_ok=True)
+    stage_path = out / ".kmeans-stage.json"
+    fp = _fingerprint(args, keys_np)
+    say = (lambda *a: None) if args.quiet else print
+    partitions = centroids = None
+    if args.partitions:
+        partitions = np.load(args.partitions)
+    elif (
+        stage_path.exists()
+        and json.loads(stage_path.read_text()) == fp
+        and (out / "centroids.npy").exists()
+        and (out / "partitions.npy").exists()
+    ):
+        centroids = np.load(out / "centroids.npy")
+        partitions = np.load(out / "partitions.npy")
+        say(f"index: resuming, reusing the k-means in {out}")
+    else:
+        say(f"index: k-means of {keys.shape[0]:,} keys x {keys.shape[1]} into {args.n_lists} lists ({args.metric})")
+        cents, part = kmeans(keys, args.n_lists, metric=args.metric, iters=args.iters, seed=args.seed,
+                             backend=args.kmeans_backend, device=args.device)
+        centroids, partitions = cents.cpu().numpy(), part.cpu().numpy().astype(np.int64)
+        atomic_save_npy(out / "centroids.npy", centroids)
+        atomic_save_npy(out / "partitions.npy", partitions)
+        atomic_save_json(stage_path, fp)
+    index = IVFIndex.build(
+        keys, args.n_lists, metric=args.metric, seed=args.seed, device=args.device,
+        partitions=partitions, centroids=centroids, storage_dtype=args.storage,
+        pq_subspaces=args.pq_subspaces, pq_bits=args.pq_bits,
+        anisotropic_threshold=args.anisotropic_threshold,
+    )
+    index.save(out)
+    if stage_path.exists():
+        stage_path.unlink()
+    say(f"index: wrote {out}: {index}")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from ..index.ivf import IVFIndex
+
+    index = IVFIndex.load(args.index)
+    sizes = index.list_sizes.double()
+    print(index)
+    print(f"list sizes: mean {float(sizes.mean()):.1f}, median {float(sizes.median()):.0f}, "
+          f"min {int(sizes.min())}, max {int(sizes.max())}, empty {int((sizes == 0).sum())}")
+    print(f"partitions_sha256: {index.partitions_sha256}")
+    print(f"full scan: {2.0 * index.n_keys * index.d / 1e6:.2f} MFLOP per query")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import faiss
+
+    from ..index.ivf import IVFIndex
+
+    index = IVFIndex.load(args.index)
+    fidx = index.to_faiss(args.kind, pq_subspaces=args.pq_subspaces)
+    faiss.write_index(fidx, str(args.out))
+    print(f"index: wrote faiss {type(fidx).__name__} ({fidx.ntotal:,} keys, {fidx.nlist} lists) to {args.out}")
+    return 0

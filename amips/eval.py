@@ -1,0 +1,191 @@
+"""Evaluate an IVF index and router against exact ground truth, per nprobe.
+
+For every nprobe, :func:`evaluate` reports (one dict per row):
+
+- ``match_at_1``, ``recall_at_10``, ``mrr``: tie-aware, see :mod:`amips.metrics`;
+- ``keys_scanned_per_query``: the actual sizes of the probed lists, averaged;
+- ``router_flops_per_query`` + ``scan_flops_per_query`` = ``flops_per_query``: a
+  multiply-add counts 2; the router is the centroid scores (2·L·d) or the network's own
+  count (forward, plus the key gradient where the key is used); the exact scan is 2·d per
+  key scanned; the PQ scanner reports its LUT and code costs;
+- ``qps``: all queries in one batch, best of ``repeats`` (router included);
+  ``qps_single``: the first ``qps_single`` queries searched one at a time.
+
+Timing runs on the index's device with torch's current thread count (``threads``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from ._validate import InputError, check_matrix, check_positive_int, to_tensor
+from .metrics import GroundTruth, evaluate_results
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_search(fn, repeats: int, device: torch.device) -> float:
+    """Best wall-clock seconds of ``fn()`` over ``repeats`` runs."""
+    best = math.inf
+    for _ in range(max(1, repeats)):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def parse_nprobes(text, n_lists: int | None = None) -> list[int]:
+    """'1,2,4,8' (or a list) -> sorted distinct ints, each in [1, n_lists]."""
+    if isinstance(text, str):
+        parts = [p for p in text.replace(" ", "").split(",") if p]
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise InputError(f"nprobe: expected comma-separated integers, got {text!r}") from None
+    else:
+        values = [int(v) for v in text]
+    if not values:
+        raise InputError("nprobe: no values given")
+    for v in values:
+        if v < 1 or (n_lists is not None and v > n_lists):
+            raise InputError(f"nprobe: {v} out of range [1, {n_lists}]")
+    return sorted(set(values))
+
+
+def evaluate(
+    index,
+    queries,
+    *,
+    router="centroid",
+    nprobes=(1, 2, 4, 8, 16),
+    k: int = 10,
+    gt: GroundTruth | None = None,
+    scanner: str | None = None,
+    reorder: int = 0,
+    repeats: int = 3,
+    qps_single: int = 200,
+    label: str | None = None,
+) -> list[dict]:
+    """Quality, FLOPs and speed of ``index.search`` for every nprobe (see module docstring)."""
+    q = check_matrix(to_tensor(queries, "queries"), "queries", dim=index.d).float()
+    k = check_positive_int(k, "k")
+    nprobes = parse_nprobes(nprobes, index.n_lists)
+    keys = index.keys().cpu()
+    if gt is None:
+        gt = GroundTruth.compute(q, keys, k=k)
+    if gt.scores.shape[0] != q.shape[0]:
+        raise InputError(f"gt: ground truth for {gt.scores.shape[0]} queries, got {q.shape[0]} queries")
+    rt = index.router(router)
+    name = label or rt.describe()
+    dev = index.device
+    qd = q.to(dev)
+    rows = []
+    for nprobe in nprobes:
+        scores, ids, info = index.search(qd, k, nprobe, rt, scanner=scanner, reorder=reorder, return_info=True)
+        quality = evaluate_results(q, keys, ids.cpu(), gt, k=k)
+        row = {
+            "router": name,
+            "scanner": info.scanner,
+            "nprobe": nprobe,
+            "reorder": int(reorder),
+            **quality,
+            "keys_scanned_per_query": info.keys_scanned_per_query,
+            "router_flops_per_query": info.router_flops_per_query,
+            "scan_flops_per_query": info.scan_flops_per_query,
+            "flops_per_query": info.flops_per_query,
+        }
+        if repeats > 0:
+            secs = time_search(lambda nprobe=nprobe: index.search(qd, k, nprobe, rt, scanner=scanner, reorder=reorder), repeats, dev)
+            row["qps"] = q.shape[0] / secs
+        if qps_single > 0:
+            m = min(qps_single, q.shape[0])
+
+            def one_at_a_time(nprobe=nprobe, m=m):
+                for i in range(m):
+                    index.search(qd[i : i + 1], k, nprobe, rt, scanner=scanner, reorder=reorder)
+
+            row["qps_single"] = m / time_search(one_at_a_time, 1, dev)
+        row["device"] = str(dev)
+        row["threads"] = torch.get_num_threads()
+        row["n_queries"] = int(q.shape[0])
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict], columns=None) -> str:
+    """A plain-text table of evaluation rows."""
+    columns = columns or [
+        ("router", "router", "{}"),
+        ("nprobe", "nprobe", "{}"),
+        ("match_at_1", "match@1", "{:.3f}"),
+        ("recall_at_10", "recall@10", "{:.3f}"),
+        ("mrr", "MRR", "{:.3f}"),
+        ("flops_per_query", "MFLOP/q", "{:.3f}"),
+        ("qps", "QPS batch", "{:,.0f}"),
+        ("qps_single", "QPS 1-by-1", "{:,.0f}"),
+    ]
+    head = [title for _, title, _ in columns]
+    body = []
+    for r in rows:
+        line = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            if v is None:
+                line.append("-")
+            elif key == "flops_per_query":
+                line.append(fmt.format(v / 1e6))
+            else:
+                line.append(fmt.format(v))
+        body.append(line)
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    out = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    out += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
+    return "\n".join(out)
+
+
+def plot_results(rows: list[dict], path, title: str = "") -> str:
+    """match@1 vs nprobe, vs FLOPs per query and vs QPS, one line per router; saves a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r.get("router", "?"), []).append(r)
+    has_qps = any("qps" in r for r in rows)
+    n = 3 if has_qps else 2
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4))
+    for name, rs in groups.items():
+        rs = sorted(rs, key=lambda r: r.get("nprobe", 0))
+        m = [r["match_at_1"] for r in rs]
+        if all("nprobe" in r for r in rs):
+            axes[0].plot([r["nprobe"] for r in rs], m, "o-", label=name)
+        axes[1].plot([r["flops_per_query"] / 1e6 for r in rs], m, "o-", label=name)
+        if has_qps and all("qps" in r for r in rs):
+            axes[2].plot([r["qps"] for r in rs], m, "o-", label=name)
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xlabel("lists probed (nprobe)")
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("MFLOP per query (router + scan)")
+    if has_qps:
+        axes[2].set_xscale("log")
+        axes[2].set_xlabel("queries per second (batch)")
+    for ax in axes:
+        ax.set_ylabel("match@1")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,508 @@
+"""The IVF index: k-means lists, keys grouped by list, routers, scanners, save and load.
+
+Layout in memory: ``keys_by_list`` [n, d] holds the keys grouped by list (list ``l`` owns
+rows ``list_offsets[l] : list_offsets[l + 1]``, keys in original order within a list);
+``ids`` [n] maps a grouped row back to the key's original id; ``partitions`` [n] is the
+list id of every key in original order (what ``amips train --partitions`` reads).
+
+On disk (``IVFIndex.save``; every file written atomically, ``index.json`` last)::
+
+    INDEXDIR/index.json          format, sizes, metric, partitions_sha256, scanner configs
+    INDEXDIR/centroids.npy       [L, d] fp32
+    INDEXDIR/partitions.npy      [n] int64, list id of every original key
+    INDEXDIR/lists.safetensors   keys_by_list, list_offsets, ids
+    INDEXDIR/pq.safetensors      the PQ scanner's state (when built with --pq-subspaces)
+
+``partitions_sha256`` is the sha256 of the bytes of ``partitions.npy``; a router trained on
+that file records the same digest, and the index refuses a router trained for another one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .._validate import InputError, check_int_vector, check_matrix, check_positive_int, to_tensor
+from .kmeans import METRICS, kmeans
+from .routers import (
+    CentroidRouter,
+    KeyNetRouter,
+    Route,
+    Router,
+    SupportRouter,
+    load_router_model,
+    parse_router_spec,
+)
+from .scanners import ExactScanner
+
+FORMAT = "amips-ivf"
+FORMAT_VERSION = 1
+_STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def partitions_digest(partitions: np.ndarray) -> str:
+    """sha256 of the bytes ``np.save`` writes for ``partitions`` (== the file's sha256)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(partitions, dtype=np.int64))
+    return hashlib.sha256(buf.getvalue()).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(file_object)`` on a temporary file, fsync, then rename over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_save_npy(path, array: np.ndarray) -> None:
+    atomic_write(path, lambda f: np.save(f, array))
+
+
+def atomic_save_json(path, obj) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def _pq_class():
+    try:
+        from .pq_scanner import PQScanner
+    except ImportError as exc:
+        raise InputError(
+            f"PQ scanner unavailable: amips.index.pq_scanner cannot be imported ({exc})"
+        ) from exc
+    return PQScanner
+
+
+@dataclass
+class SearchInfo:
+    """What a search cost: lists and keys scanned per query, FLOPs per query."""
+
+    nprobe: int
+    router: str
+    scanner: str
+    keys_scanned_per_query: float
+    router_flops_per_query: float
+    scan_flops_per_query: float
+    lists: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def flops_per_query(self) -> float:
+        return self.router_flops_per_query + self.scan_flops_per_query
+
+
+class IVFIndex:
+    """Inverted-file index over keys, searched with a router and a scanner."""
+
+    def __init__(
+        self,
+        centroids: torch.Tensor,
+        keys_by_list: torch.Tensor,
+        list_offsets: torch.Tensor,
+        ids: torch.Tensor,
+        *,
+        metric: str = "ip",
+        pq=None,
+        meta: dict | None = None,
+    ):
+        if metric not in METRICS:
+            raise InputError(f"metric: expected one of {METRICS}, got {metric!r}")
+        self.centroids = centroids.float().contiguous()
+        self.keys_by_list = keys_by_list.contiguous()
+        self.list_offsets = list_offsets.long().contiguous()
+        self.ids = ids.long().contiguous()
+        self.metric = metric
+        self.pq = pq
+        self.meta = dict(meta or {})
+        if self.list_offsets.numel() != self.centroids.shape[0] + 1:
+            raise InputError("list_offsets: expected n_lists + 1 entries")
+        if int(self.list_offsets[-1]) != self.keys_by_list.shape[0] or self.ids.numel() != self.keys_by_list.shape[0]:
+            raise InputError("index arrays disagree on the number of keys")
+        self.exact = ExactScanner(self.keys_by_list, self.list_offsets)
+        self._router_cache: dict[str, Router] = {}
+        self._partitions_sha: str | None = None
+
+    # ----------------------------------------------------------------- build
+    @classmethod
+    def build(
+        cls,
+        keys,
+        n_lists: int,
+        *,
+        metric: str = "ip",
+        iters: int = 20,
+        seed: int = 0,
+        kmeans_backend: str = "auto",
+        kmeans_sample: int | None = 256,
+        device: str | torch.device | None = None,
+        partitions=None,
+        centroids=None,
+        storage_dtype: str = "float32",
+        pq_subspaces: int | None = None,
+        pq_bits: int = 4,
+        anisotropic_threshold: float | None = None,
+        pq_iters: int = 20,
+        verbose: bool = False,
+    ) -> IVFIndex:
+        """k-means the keys into ``n_lists`` lists (or use given ``partitions``) and group them.
+
+        ``metric``: ``"ip"`` (spherical k-means) or ``"l2"``. ``partitions`` (int list id
+        per key) and ``centroids`` skip the k-means. ``pq_subspaces`` also trains the PQ
+        scanner (``pq_bits`` 4 or 8, score-aware when ``anisotropic_threshold`` is set).
+        """
+        x = check_matrix(to_tensor(keys, "keys"), "keys")
+        n_lists = check_positive_int(n_lists, "n_lists", maximum=x.shape[0])
+        if storage_dtype not in _STORAGE:
+            raise InputError(f"storage_dtype: expected one of {sorted(_STORAGE)}, got {storage_dtype!r}")
+        dev = torch.device(device) if device is not None else x.device
+        t0 = time.time()
+        if partitions is None:
+            if centroids is not None:
+                raise InputError("centroids: given without partitions; pass both or neither")
+            cents, part = kmeans(
+                x, n_lists, metric=metric, iters=iters, seed=seed, backend=kmeans_backend,
+                sample=kmeans_sample, device=dev, verbose=verbose,
+            )
+        else:
+            part = check_int_vector(partitions, "partitions", length=x.shape[0]).to(dev)
+            if int(part.max()) >= n_lists:
+                raise InputError(f"partitions: list id {int(part.max())} >= n_lists = {n_lists}")
+            if centroids is None:
+                cents = _centroids_of(x.to(dev), part, n_lists, metric)
+            else:
+                cents = check_matrix(to_tensor(centroids, "centroids"), "centroids", dim=x.shape[1])
+                if cents.shape[0] != n_lists:
+                    raise InputError(f"centroids: expected {n_lists} rows, got {cents.shape[0]}")
+                cents = cents.float().to(dev)
+        order = torch.argsort(part, stable=True)
+        counts = torch.bincount(part, minlength=n_lists)
+        offsets = torch.zeros(n_lists + 1, dtype=torch.int64, device=dev)
+        offsets[1:] = torch.cumsum(counts, 0)
+        keys_by_list = x.to(dev)[order.to(dev)]
+        keys_by_list = keys_by_list.to(_STORAGE[storage_dtype])
+        meta = {
+            "build_seconds_kmeans": round(time.time() - t0, 3),
+            "kmeans_iters": iters,
+            "seed": seed,
+            "storage_dtype": storage_dtype,
+        }
+        index = cls(cents, keys_by_list, offsets, order, metric=metric, meta=meta)
+        if pq_subspaces is not None:
+            index.train_pq(
+                subspaces=pq_subspaces, bits=pq_bits,
+                anisotropic_threshold=anisotropic_threshold, iters=pq_iters, seed=seed,
+            )
+        index.meta["build_seconds"] = round(time.time() - t0, 3)
+        return index
+
+    def train_pq(self, *, subspaces: int, bits: int = 4, anisotropic_threshold=None,
+                 iters: int = 20, seed: int = 0, by_residual: bool = True) -> None:
+        """Train the PQ scanner on the grouped keys (residuals to the list centroids)."""
+        PQScanner = _pq_class()
+        self.pq = PQScanner.train(
+            self.keys_by_list.float(), self.list_offsets, self.centroids,
+            subspaces=int(subspaces), bits=int(bits),
+            anisotropic_threshold=anisotropic_threshold, by_residual=by_residual,
+            iters=int(iters), seed=int(seed),
+        )
+
+    # ----------------------------------------------------------------- facts
+    @property
+    def n_lists(self) -> int:
+        return self.centroids.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.centroids.shape[1]
+
+    @property
+    def n_keys(self) -> int:
+        return self.keys_by_list.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys_by_list.device
+
+    @property
+    def list_sizes(self) -> torch.Tensor:
+        return self.list_offsets[1:] - self.list_offsets[:-1]
+
+    @property
+    def partitions(self) -> torch.Tensor:
+        """List id of every key, in the keys' original order (int64 [n])."""
+        sizes = self.list_sizes.cpu()
+        grouped = torch.repeat_interleave(torch.arange(self.n_lists), sizes)
+        out = torch.empty(self.n_keys, dtype=torch.int64)
+        out[self.ids.cpu()] = grouped
+        return out
+
+    @property
+    def partitions_sha256(self) -> str:
+        if self._partitions_sha is None:
+            self._partitions_sha = partitions_digest(self.partitions.numpy())
+        return self._partitions_sha
+
+    @property
+    def partitions_digests(self) -> tuple[str, str]:
+        """Digests a router may record: of partitions.npy's bytes, and of the raw int64 array."""
+        raw = hashlib.sha256(np.ascontiguousarray(self.partitions.numpy()).tobytes()).hexdigest()
+        return (self.partitions_sha256, raw)
+
+    def keys(self) -> torch.Tensor:
+        """The keys in original order (fp32 copy)."""
+        out = torch.empty(self.n_keys, self.d, dtype=torch.float32, device=self.device)
+        out[self.ids.to(self.device)] = self.keys_by_list.float()
+        return out
+
+    def __repr__(self) -> str:
+        sizes = self.list_sizes
+        pq = "" if self.pq is None else f", pq={self.pq.config()}"
+        return (
+            f"IVFIndex({self.n_keys:,} keys x {self.d}, {self.n_lists} lists "
+            f"(sizes {int(sizes.min())}..{int(sizes.max())}), metric={self.metric}, "
+            f"device={self.device}{pq})"
+        )
+
+    # ----------------------------------------------------------------- routing
+    def router(self, router=None) -> Router:
+        """A :class:`Router` for this index from None/'centroid', a spec, a model or a Router."""
+        if router is None:
+            router = "centroid"
+        if isinstance(router, Router):
+            if router.n_lists != self.n_lists or router.d != self.d:
+                raise InputError(
+                    f"router: built for {router.n_lists} lists x d = {router.d}, the index has "
+                    f"{self.n_lists} lists x d = {self.d}"
+                )
+            return router
+        if isinstance(router, str):
+            if router in self._router_cache:
+                return self._router_cache[router]
+            kind, path = parse_router_spec(router)
+            if kind == "centroid":
+                built: Router = CentroidRouter(self.centroids)
+            else:
+                built = self._router_from_model(load_router_model(path), kind)
+            self._router_cache[router] = built
+            return built
+        if isinstance(router, torch.nn.Module) or hasattr(router, "score"):
+            kind = str(getattr(router, "kind", "supportnet"))
+            return self._router_from_model(router, "keynet" if kind == "keynet" else "supportnet")
+        raise InputError(f"router: expected None, a spec string, a model or a Router, got {type(router).__name__}")
+
+    def _router_from_model(self, model, kind: str) -> Router:
+        model_d = (getattr(model, "config", {}) or {}).get("d")
+        if model_d is not None and int(model_d) != self.d:
+            raise InputError(f"router: the model takes d = {model_d}, the index has d = {self.d}")
+        if kind in ("keynet", "keynet-route"):
+            return KeyNetRouter(model, self.centroids, scan_with="key" if kind == "keynet" else "query")
+        return SupportRouter(model, self.n_lists, self.d, self.partitions_digests)
+
+    def route(self, queries, nprobe: int, router=None) -> Route:
+        return self.router(router).route(self._queries(queries), nprobe)
+
+    def _queries(self, queries) -> torch.Tensor:
+        q = check_matrix(to_tensor(queries, "queries"), "queries", dim=self.d)
+        return q.to(self.device, torch.float32)
+
+    # ----------------------------------------------------------------- search
+    def _scanner(self, scanner: str | None):
+        if scanner is None:
+            scanner = "exact"
+        if scanner == "exact":
+            return self.exact
+        if scanner == "pq":
+            if self.pq is None:
+                raise InputError(
+                    "scanner: this index has no PQ codes; build it with --pq-subspaces M "
+                    "(IVFIndex.build(..., pq_subspaces=M))"
+                )
+            return self.pq
+        raise InputError(f"scanner: expected 'exact' or 'pq', got {scanner!r}")
+
+    def search(
+        self,
+        queries,
+        k: int = 10,
+        nprobe: int = 8,
+        router=None,
+        *,
+        scanner: str | None = None,
+        reorder: int = 0,
+        return_info: bool = False,
+    ):
+        """Top-k keys (original ids) for every query, probing ``nprobe`` lists chosen by ``router``.
+
+        Returns ``(scores [nq, k] fp32, ids [nq, k] int64)`` best first (``-inf``/``-1``
+        where fewer than k keys were scanned), plus a :class:`SearchInfo` with
+        ``return_info=True``. ``scanner``: ``"exact"`` (default) or ``"pq"`` (with
+        ``reorder`` exact re-scores). With KeyNet substitution the scores are those of the
+        substituted query.
+        """
+        q = self._queries(queries)
+        k = check_positive_int(k, "k")
+        nprobe = check_positive_int(nprobe, "nprobe", maximum=self.n_lists)
+        if isinstance(reorder, bool) or not isinstance(reorder, (int, np.integer)) or reorder < 0:
+            raise InputError(f"reorder: expected an integer >= 0, got {reorder!r}")
+        rt = self.router(router)
+        scan = self._scanner(scanner)
+        route = rt.route(q, nprobe)
+        if scan is self.exact:
+            scores, pos = scan.search(route.scan_queries, route.lists, k)
+        else:
+            scores, pos = scan.search(
+                route.scan_queries, route.lists, k, reorder=int(reorder), keys_by_list=self.keys_by_list
+            )
+        pos = pos.to(self.device)
+        ids = torch.where(pos >= 0, self.ids[pos.clamp(min=0)], torch.full_like(pos, -1))
+        if not return_info:
+            return scores, ids
+        scanned = float(self.list_sizes[route.lists].sum(1).double().mean()) if q.shape[0] else 0.0
+        info = SearchInfo(
+            nprobe=nprobe,
+            router=rt.describe(),
+            scanner=getattr(scan, "name", "?"),
+            keys_scanned_per_query=scanned,
+            router_flops_per_query=float(rt.flops_per_query(nprobe)),
+            scan_flops_per_query=float(scan.flops_per_query(scanned, nprobe, int(reorder))),
+            lists=route.lists,
+        )
+        return scores, ids, info
+
+    def flops_per_query(self, queries, nprobe: int, router=None, *, scanner=None, reorder: int = 0) -> float:
+        """Router plus scan FLOPs per query, with the actual sizes of the lists ``queries`` probe."""
+        rt = self.router(router)
+        route = rt.route(self._queries(queries), nprobe)
+        scanned = float(self.list_sizes[route.lists].sum(1).double().mean())
+        scan = self._scanner(scanner)
+        return float(rt.flops_per_query(nprobe)) + float(scan.flops_per_query(scanned, nprobe, int(reorder)))
+
+    # ----------------------------------------------------------------- faiss
+    def to_faiss(self, kind: str = "flat", **kwargs):
+        """Export to a faiss IVF index on these lists (see :mod:`amips.index.faiss_backend`)."""
+        from .faiss_backend import to_faiss
+
+        return to_faiss(self, kind=kind, **kwargs)
+
+    def to(self, device) -> IVFIndex:
+        dev = torch.device(device)
+        out = IVFIndex(
+            self.centroids.to(dev), self.keys_by_list.to(dev), self.list_offsets.to(dev),
+            self.ids.to(dev), metric=self.metric, pq=self.pq, meta=self.meta,
+        )
+        out._partitions_sha = self._partitions_sha
+        return out
+
+    # ----------------------------------------------------------------- save / load
+    def save(self, path: str | os.PathLike) -> Path:
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_save_npy(root / "centroids.npy", self.centroids.cpu().numpy())
+        atomic_save_npy(root / "partitions.npy", self.partitions.numpy())
+        tensors = {
+            "keys_by_list": self.keys_by_list.cpu().contiguous(),
+            "list_offsets": self.list_offsets.cpu().contiguous(),
+            "ids": self.ids.cpu().contiguous(),
+        }
+        atomic_write(root / "lists.safetensors", lambda f: f.write(_safetensors_bytes(tensors)))
+        pq_cfg = None
+        if self.pq is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.pq.state_dict().items()}
+            atomic_write(root / "pq.safetensors", lambda f: f.write(_safetensors_bytes(state)))
+            pq_cfg = self.pq.config()
+        elif (root / "pq.safetensors").exists():
+            (root / "pq.safetensors").unlink()
+        cfg = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "n_keys": self.n_keys,
+            "d": self.d,
+            "n_lists": self.n_lists,
+            "metric": self.metric,
+            "storage_dtype": str(self.keys_by_list.dtype).replace("torch.", ""),
+            "partitions_sha256": file_sha256(root / "partitions.npy"),
+            "list_sizes": {"min": int(self.list_sizes.min()), "max": int(self.list_sizes.max())},
+            "pq": pq_cfg,
+            "meta": self.meta,
+        }
+        atomic_save_json(root / "index.json", cfg)
+        return root
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> IVFIndex:
+        from safetensors.torch import load_file
+
+        root = Path(path)
+        cfg_path = root / "index.json"
+        if not root.is_dir():
+            raise InputError(f"index: {root} is not a folder")
+        if not cfg_path.exists():
+            raise InputError(f"index: {root} has no index.json (not an amips index, or its build did not finish)")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"index: {cfg_path} is not valid JSON ({exc})") from exc
+        if cfg.get("format") != FORMAT:
+            raise InputError(f"index: {cfg_path} is not an amips IVF index (format {cfg.get('format')!r})")
+        if int(cfg.get("version", 0)) > FORMAT_VERSION:
+            raise InputError(f"index: format version {cfg['version']} is newer than this amips reads")
+        for name in ("centroids.npy", "partitions.npy", "lists.safetensors"):
+            if not (root / name).exists():
+                raise InputError(f"index: {root} is missing {name}")
+        sha = file_sha256(root / "partitions.npy")
+        if sha != cfg["partitions_sha256"]:
+            raise InputError(f"index: {root}/partitions.npy does not match index.json (modified or corrupt)")
+        tensors = load_file(str(root / "lists.safetensors"))
+        centroids = torch.from_numpy(np.load(root / "centroids.npy"))
+        pq = None
+        if cfg.get("pq"):
+            PQScanner = _pq_class()
+            pq = PQScanner.from_state(load_file(str(root / "pq.safetensors")), cfg["pq"])
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        index = cls(
+            centroids.to(dev), tensors["keys_by_list"].to(dev), tensors["list_offsets"].to(dev),
+            tensors["ids"].to(dev), metric=cfg["metric"], pq=pq, meta=cfg.get("meta"),
+        )
+        index._partitions_sha = sha
+        if index.n_keys != cfg["n_keys"] or index.d != cfg["d"] or index.n_lists != cfg["n_lists"]:
+            raise InputError(f"index: {root} arrays disagree with index.json")
+        return index
+
+
+def _safetensors_bytes(tensors: dict) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors)
+
+
+def _centroids_of(x: torch.Tensor, part: torch.Tensor, n_lists: int, metric: str) -> torch.Tensor:
+    sums = torch.zeros(n_lists, x.shape[1], dtype=torch.float32, device=x.device)
+    for a in range(0, x.shape[0], 65536):
+        sums.index_add_(0, part[a : a + 65536], x[a : a + 65536].float())
+    counts = torch.bincount(part, minlength=n_lists).clamp(min=1).float()
+    cents = sums / counts[:, None]
+    if metric == "ip":
+        cents = torch.nn.functional.normalize(cents, dim=1)
+    return cents

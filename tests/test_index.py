@@ -1,0 +1,250 @@
+"""IVF index: exhaustive search equals brute force, routers, faiss backend, save/load,
+FLOP accounting and bad inputs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import amips
+from amips import InputError, IVFIndex
+from amips.index import CentroidRouter, FixedRouter, KeyNetRouter, SupportRouter, kmeans
+from amips.index.faiss_backend import FaissIVF
+from amips.metrics import GroundTruth, match_at_1, recall_at_k, rescore
+
+
+@pytest.fixture(autouse=True)
+def torch_scan(monkeypatch):
+    """The Triton scan is tested at tiny shapes in test_index_scan_kernel.py; here the
+    interpreter would be far too slow, so searches use the torch path."""
+    monkeypatch.setenv("AMIPS_BACKEND", "torch")
+
+
+@pytest.fixture(scope="module")
+def data():
+    ds = amips.synthetic(3000, 300, 24, n_clusters=16, seed=3)
+    keys = ds.keys.copy()
+    keys[7] = keys[8]  # an exact duplicate key: a tie for some queries
+    return keys, np.vstack([ds.queries_test, ds.queries_train[:100]])
+
+
+@pytest.fixture(scope="module")
+def index(data):
+    keys, _ = data
+    return IVFIndex.build(keys, 20, seed=0)
+
+
+def _assert_tie_aware_equal(queries, keys, ids, gt_scores, k):
+    found = rescore(queries, keys, ids)
+    assert match_at_1(found, gt_scores) == 1.0
+    assert recall_at_k(found, gt_scores, k) == 1.0
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_full_probe_equals_brute_force(data, metric):
+    keys, queries = data
+    index = IVFIndex.build(keys, 20, metric=metric, seed=1, kmeans_backend="torch", iters=5)
+    gt = GroundTruth.compute(queries, keys, k=10)
+    scores, ids = index.search(queries, k=10, nprobe=index.n_lists)
+    _assert_tie_aware_equal(queries, keys, ids, gt.scores, 10)
+    assert torch.allclose(scores.double(), gt.scores, atol=1e-5)
+    # ids are distinct original ids
+    for row in ids:
+        assert row.unique().numel() == 10
+
+
+def test_grouping_is_consistent(index, data):
+    keys, _ = data
+    # every list's keys are exactly the keys whose partition is that list
+    part = index.partitions
+    offs = index.list_offsets
+    for lst in range(index.n_lists):
+        members = index.ids[offs[lst] : offs[lst + 1]]
+        assert torch.equal(members.sort().values, torch.nonzero(part == lst).flatten())
+    assert torch.allclose(index.keys(), torch.from_numpy(keys))
+    assert int(index.list_sizes.sum()) == keys.shape[0]
+
+
+def test_kmeans_torch_and_faiss_partition_all_keys(data):
+    keys, _ = data
+    for backend in ("torch", "faiss"):
+        c, a = kmeans(keys, 12, backend=backend, iters=4, seed=0)
+        assert c.shape == (12, keys.shape[1]) and a.shape == (keys.shape[0],)
+        assert torch.allclose(c.norm(dim=1), torch.ones(12), atol=1e-4)  # spherical
+        best = (torch.from_numpy(keys) @ c.T).argmax(1)
+        assert torch.equal(best, a)
+
+
+def _router_mlp(index, sha=None, n_heads=None):
+    from amips.models import RouterMLP
+
+    torch.manual_seed(0)
+    m = RouterMLP(index.d, width=16, depth=1, n_heads=n_heads or index.n_lists)
+    m.config = {**m.config, "n_partitions": n_heads or index.n_lists,
+                "partitions_sha256": sha if sha is not None else index.partitions_sha256}
+    return m
+
+
+def _keynet(index):
+    from amips.models import KeyNet
+
+    torch.manual_seed(0)
+    m = KeyNet(index.d, width=16, depth=1)
+    with torch.no_grad():
+        m.out.weight.normal_(0, 0.05)  # move the key away from q
+    return m
+
+
+def test_routers_return_valid_ordered_lists(index, data):
+    _, queries = data
+    q = torch.from_numpy(queries)
+    routers = [
+        CentroidRouter(index.centroids),
+        index.router(_router_mlp(index)),
+        index.router(_keynet(index)),
+        KeyNetRouter(_keynet(index), index.centroids, scan_with="query"),
+    ]
+    assert isinstance(routers[1], SupportRouter) and isinstance(routers[2], KeyNetRouter)
+    for rt in routers:
+        scores, _ = rt.list_scores(q)
+        for nprobe in (1, 5, index.n_lists):
+            lists = rt.route(q, nprobe).lists
+            assert lists.shape == (q.shape[0], nprobe) and lists.dtype == torch.int64
+            assert int(lists.min()) >= 0 and int(lists.max()) < index.n_lists
+            for row in lists:
+                assert row.unique().numel() == nprobe
+            # ordered by the router's scores, best first
+            chosen = scores.gather(1, lists)
+            assert torch.all(chosen[:, :-1] >= chosen[:, 1:])
+            # and nothing left out beats the last chosen
+            rest = scores.scatter(1, lists, float("-inf"))
+            assert torch.all(rest.max(1).values <= chosen[:, -1])
+    # the centroid router ranks by <q, centroid>
+    lists = routers[0].route(q, 3).lists
+    assert torch.equal(lists, torch.argsort(q @ index.centroids.T, dim=1, descending=True, stable=True)[:, :3])
+    # KeyNet substitution scans with the key, the route-only variant with q
+    assert not torch.allclose(routers[2].route(q, 1).scan_queries, q)
+    assert torch.equal(routers[3].route(q, 1).scan_queries, q)
+
+
+def test_learned_routers_search_exactly_at_full_probe(index, data):
+    keys, queries = data
+    gt = GroundTruth.compute(queries, keys, k=5)
+    for router in (_router_mlp(index), "centroid"):
+        _, ids = index.search(queries, 5, index.n_lists, router)
+        _assert_tie_aware_equal(queries, keys, ids, gt.scores, 5)
+    kn = KeyNetRouter(_keynet(index), index.centroids, scan_with="query")
+    _, ids = index.search(queries, 5, index.n_lists, kn)
+    _assert_tie_aware_equal(queries, keys, ids, gt.scores, 5)
+
+
+@pytest.mark.parametrize("kind", ["flat", "pqfs"])
+def test_faiss_backend_matches_our_scanner(index, data, kind):
+    keys, queries = data
+    q = torch.from_numpy(queries)
+    for router in ("centroid", _router_mlp(index)):
+        rt = index.router(router)
+        fb = FaissIVF(index, kind, pq_subspaces=12)
+        for nprobe in (1, 4):
+            ours_s, ours_i = index.search(q, 10, nprobe, rt)
+            if kind == "flat":
+                fs, fi = fb.search(q, 10, nprobe, rt)
+            else:  # PQ codes + exact refine over every candidate = exact scan of the lists
+                n_max = int(index.list_sizes.sort(descending=True).values[:nprobe].sum())
+                fs, fi = fb.search(q, 10, nprobe, rt, refine=n_max)
+            assert torch.allclose(fs.double(), ours_s.double(), atol=1e-4)
+            a = rescore(q, keys, fi)
+            b = rescore(q, keys, ours_i)
+            assert torch.allclose(a, b, atol=1e-5)  # same keys up to ties
+            same = (fi == ours_i) | ((a - b).abs() < 1e-5)
+            assert bool(same.all())
+
+
+def test_export_faiss_search_equals_faiss_own_routing(index, data):
+    import faiss
+
+    _, queries = data
+    f = index.to_faiss("flat")
+    f.nprobe = 3
+    d_f, i_f = f.search(queries, 5)  # faiss routes with its IndexFlatIP over our centroids
+    s, i = index.search(queries, 5, 3)
+    assert np.allclose(d_f, s.numpy(), atol=1e-4)
+    assert isinstance(f, faiss.IndexIVFFlat) and f.ntotal == index.n_keys
+
+
+def test_save_load_round_trip(index, data, tmp_path):
+    _, queries = data
+    path = index.save(tmp_path / "ix")
+    for name in ("index.json", "centroids.npy", "partitions.npy", "lists.safetensors"):
+        assert (path / name).exists()
+    part = np.load(path / "partitions.npy")
+    assert part.dtype == np.int64 and part.shape == (index.n_keys,)
+    assert np.array_equal(part, index.partitions.numpy())
+    assert np.allclose(np.load(path / "centroids.npy"), index.centroids.numpy())
+    cfg = json.loads((path / "index.json").read_text())
+    loaded = IVFIndex.load(path)
+    assert cfg["partitions_sha256"] == loaded.partitions_sha256 == index.partitions_sha256
+    assert torch.equal(loaded.keys_by_list, index.keys_by_list)
+    assert torch.equal(loaded.ids, index.ids)
+    a = index.search(queries, 7, 3)
+    b = loaded.search(queries, 7, 3)
+    assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
+    # no temporary files left behind
+    assert not [p for p in path.iterdir() if p.name.startswith(".")]
+    # a modified partition file is detected
+    np.save(path / "partitions.npy", np.zeros_like(part))
+    with pytest.raises(InputError, match="partitions.npy"):
+        IVFIndex.load(path)
+
+
+def test_flop_accounting_hand_computed():
+    # 4 keys in d = 2, two lists of sizes 3 and 1
+    keys = np.array([[1, 0], [0.9, 0.1], [0.8, 0.2], [0, 1]], dtype=np.float32)
+    index = IVFIndex.build(keys, 2, partitions=np.array([0, 0, 0, 1]))
+    q = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    # query 0 probes list 0 (3 keys), query 1 probes list 1 (1 key): mean 2 keys scanned
+    _, ids, info = index.search(q, 1, 1, return_info=True)
+    assert ids[:, 0].tolist() == [0, 3]
+    assert info.keys_scanned_per_query == 2.0
+    assert info.router_flops_per_query == 2 * 2 * 2  # 2 lists x d = 2, 2 FLOPs per MAC
+    assert info.scan_flops_per_query == 2 * 2 * 2.0  # 2 keys x d = 2 x 2
+    assert info.flops_per_query == 16.0
+    _, _, info = index.search(q, 1, 2, return_info=True)
+    assert info.scan_flops_per_query == 2 * 2 * 4.0 and info.flops_per_query == 24.0
+    assert index.flops_per_query(q, 2) == 24.0
+    # a model router adds its own forward cost instead of the centroid scores
+    fixed = FixedRouter(torch.tensor([[0], [0]]), 2, 2, cost=100.0)
+    _, _, info = index.search(q, 1, 1, fixed, return_info=True)
+    assert info.flops_per_query == 100.0 + 2 * 2 * 3.0
+
+
+def test_bad_inputs(index, data, tmp_path):
+    keys, queries = data
+    with pytest.raises(InputError, match="nprobe"):
+        index.search(queries, 10, 0)
+    with pytest.raises(InputError, match="nprobe"):
+        index.search(queries, 10, index.n_lists + 1)
+    with pytest.raises(InputError, match="dimension"):
+        index.search(queries[:, :5], 10, 2)
+    bad = queries.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        index.search(bad, 10, 2)
+    with pytest.raises(InputError, match="k"):
+        index.search(queries, 0, 2)
+    with pytest.raises(InputError, match="n_lists"):
+        IVFIndex.build(keys, keys.shape[0] + 1)
+    with pytest.raises(InputError, match="metric"):
+        IVFIndex.build(keys, 4, metric="cosine")
+    with pytest.raises(InputError, match="router"):
+        index.search(queries, 10, 2, router="nonsense:abc")
+    with pytest.raises(InputError, match="scanner"):
+        index.search(queries, 10, 2, scanner="pq")  # built without PQ
+    # a multi-head router trained for another index
+    with pytest.raises(InputError, match="another index"):
+        index.search(queries, 10, 2, router=_router_mlp(index, sha="0" * 64))
+    with pytest.raises(InputError, match="heads"):
+        index.search(queries, 10, 2, router=_router_mlp(index, n_heads=index.n_lists + 3))
+    with pytest.raises(InputError, match="index.json"):
+        IVFIndex.load(tmp_path)
