@@ -53,9 +53,14 @@ from ._validate import (
 from .kernels.mips_topk import mips_topk, mips_topk_ref, screening_error_bound
 
 MAX_TOPK = 128
-# Per query, at most this many screened candidates are kept; beyond it the query falls back
-# to an exact fp64 scan (this only happens with masses of near-equal scores).
-CANDIDATE_CAP = 1024
+# Per query (or query-list pair), at most max(CANDIDATE_CAP, 4k) screened candidates are
+# kept; a query with more goes down the certification cascade (fp32 re-screen, then a full
+# fp64 scan). This bounds the padded [batch, width] candidate arrays.
+CANDIDATE_CAP = 64
+
+
+def _cap(k: int) -> int:
+    return max(CANDIDATE_CAP, 4 * k)
 _CPU_BLOCK_KEYS = 4096
 _CPU_TILE_QUERIES = 1024
 
@@ -158,8 +163,9 @@ def _compact(c: Candidates, keep: torch.Tensor) -> Candidates:
     )
 
 
-def _prune(c: Candidates, k: int, cap: int = CANDIDATE_CAP) -> Candidates:
+def _prune(c: Candidates, k: int) -> Candidates:
     """Drop candidates that cannot be in the top-k; enforce the per-row cap."""
+    cap = _cap(k)
     valid = c.index >= 0
     lb = _kth_lower_bound(c, k)
     hi = c.scores.double() + c.err
@@ -198,7 +204,7 @@ def _exact_scores(
         return out
     uniq, inverse = torch.unique(index, return_inverse=True)
     key_rows = keys.rows64(uniq, queries64.device)
-    chunk = 1 << 15
+    chunk = 4096  # pairs per step: two [chunk, d] fp64 gathers stay small
     for a in range(0, rows.shape[0], chunk):
         b = min(a + chunk, rows.shape[0])
         out[a:b] = (queries64[rows[a:b]] * key_rows[inverse[a:b]]).sum(-1)
@@ -386,11 +392,13 @@ def _screen_top1_cpu_bf16(q: torch.Tensor, shard: _Shard) -> Candidates:
     delta = 1e-6 * qn * float(shard.block_norm_max.max()) + 1e-30
     best_lower = torch.full((q.shape[0],), -math.inf, dtype=torch.float64)
     rows_l, cols_l, s_l, e_l = [], [], [], []
+    raw_candidates = 0
     n_keys = shard.keys.shape[0]
     for t0 in range(0, q.shape[0], _CPU_TILE_QUERIES):
         t1 = min(t0 + _CPU_TILE_QUERIES, q.shape[0])
         q_tile = q_lp[t0:t1]
         lower = best_lower[t0:t1]
+        tile_start = len(rows_l)
         for b, a in enumerate(range(0, n_keys, _CPU_BLOCK_KEYS)):
             scores = q_tile @ shard.keys_bf16[a : a + _CPU_BLOCK_KEYS].T
             err = c * qn[t0:t1] * shard.block_norm_max[b]
@@ -414,28 +422,52 @@ def _screen_top1_cpu_bf16(q: torch.Tensor, shard: _Shard) -> Candidates:
             s_l.append(cand.float())
             e_l.append(err[r])
         best_lower[t0:t1] = lower
-    out_s, out_i, out_e = _pad_groups(
-        torch.cat(rows_l), q.shape[0], torch.cat(cols_l) + shard.start, torch.cat(s_l), torch.cat(e_l)
-    )
-    return Candidates(out_s, out_i, out_e, best_lower - delta / 2)
+        if len(rows_l) > tile_start:  # keep only what this tile's final bound admits
+            r, cl, sc, er = (torch.cat(x[tile_start:]) for x in (rows_l, cols_l, s_l, e_l))
+            keep = sc.double() + er >= best_lower[r]
+            del rows_l[tile_start:], cols_l[tile_start:], s_l[tile_start:], e_l[tile_start:]
+            rows_l.append(r[keep])
+            cols_l.append(cl[keep])
+            s_l.append(sc[keep])
+            e_l.append(er[keep])
+            raw_candidates += int(r.numel())
+    rows, cols, s, e = torch.cat(rows_l), torch.cat(cols_l), torch.cat(s_l), torch.cat(e_l)
+    if os.environ.get("AMIPS_DEBUG_SCREEN"):
+        print(f"screen: {raw_candidates / q.shape[0]:.1f} raw, {rows.numel() / q.shape[0]:.1f} kept per query")
+    out_s, out_i, out_e, evicted = _pad_groups(rows, q.shape[0], cols + shard.start, s, e, _cap(1))
+    return Candidates(out_s, out_i, out_e, torch.maximum(best_lower - delta / 2, evicted))
 
 
 def _pad_groups(group: torch.Tensor, n_groups: int, index: torch.Tensor, scores: torch.Tensor,
-                err: torch.Tensor):
-    """Scatter flat candidates (group id, key index, score, bound) into padded [G, W] rows."""
-    counts = torch.bincount(group, minlength=n_groups)
-    width = max(1, int(counts.max())) if group.numel() else 1
-    order = torch.argsort(group, stable=True)
+                err: torch.Tensor, cap: int):
+    """Scatter flat candidates (group id, key index, score, bound) into padded [G, W] rows.
+
+    A group with more than ``cap`` candidates keeps its ``cap`` best screened scores; the
+    returned ``evicted`` [G] is the largest ``score + err`` it dropped (-inf if none), an
+    upper bound on the exact score of every evicted key.
+    """
+    device = group.device
+    # order by group, then by screened score descending
+    order = torch.argsort(scores.double(), descending=True, stable=True)
+    order = order[torch.argsort(group[order], stable=True)]
     group, index, scores, err = group[order], index[order], scores[order], err[order]
+    counts = torch.bincount(group, minlength=n_groups)
     starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(group.shape[0], device=group.device) - starts[group]
-    out_s = torch.full((n_groups, width), -math.inf, dtype=torch.float32, device=group.device)
-    out_i = torch.full((n_groups, width), -1, dtype=torch.int64, device=group.device)
-    out_e = torch.zeros((n_groups, width), dtype=torch.float64, device=group.device)
+    pos = torch.arange(group.shape[0], device=device) - starts[group]
+    evicted = torch.full((n_groups,), -math.inf, dtype=torch.float64, device=device)
+    over = pos >= cap
+    if bool(over.any()):
+        evicted.scatter_reduce_(0, group[over], scores[over].double() + err[over].double(), reduce="amax")
+        keep = ~over
+        group, index, scores, err, pos = group[keep], index[keep], scores[keep], err[keep], pos[keep]
+    width = max(1, min(cap, int(counts.max()))) if counts.numel() and group.numel() else 1
+    out_s = torch.full((n_groups, width), -math.inf, dtype=torch.float32, device=device)
+    out_i = torch.full((n_groups, width), -1, dtype=torch.int64, device=device)
+    out_e = torch.zeros((n_groups, width), dtype=torch.float64, device=device)
     out_s[group, pos] = scores.float()
     out_i[group, pos] = index
     out_e[group, pos] = err.double()
-    return out_s, out_i, out_e
+    return out_s, out_i, out_e, evicted
 
 
 def _screen_partitions_cpu(
@@ -473,11 +505,12 @@ def _screen_partitions_cpu(
     cols = torch.cat(cols_l)
     parts = part_ids[cols]
     group = rows * P + parts
-    out_s, out_i, out_e = _pad_groups(group, B * P, cols + shard.start, torch.cat(s_l),
-                                      err.reshape(-1)[group])
+    out_s, out_i, out_e, evicted = _pad_groups(group, B * P, cols + shard.start, torch.cat(s_l),
+                                               err.reshape(-1)[group], _cap(1))
     width = out_s.shape[1]
     lower = running.double() - err
     upper = torch.where(torch.isneginf(lower), lower, lower - delta / 2)
+    upper = torch.maximum(upper, evicted.view(B, P))
     return Candidates(out_s.view(B, P, width), out_i.view(B, P, width),
                       out_e.view(B, P, width), upper)
 
