@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import labels as _labels
+from ._io import atomic_save_npy, atomic_write_bytes, atomic_write_json, sha256_file
 from ._validate import InputError, check_int_vector, check_matrix, to_tensor
 from .models import MODEL_KINDS, build_model, count_params, size_width
 
@@ -111,41 +112,11 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_json(path: Path, obj) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def _atomic_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-
-
 def _atomic_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(path, blob)
 
 
 def split_queries(n_queries: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -245,7 +216,7 @@ def load_or_compute_labels(
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         for name, v in out.items():
-            _atomic_npy(cache / f"{name}.npy", v.numpy())
+            atomic_save_npy(cache / f"{name}.npy", v.numpy())
     return out
 
 
@@ -536,14 +507,14 @@ def train(
         for key, v in old["train"].items():
             if key not in TrainConfig.MUTABLE and run_cfg["train"].get(key) != v:
                 raise InputError(f"resume: training option {key} differs from the run in {root} ({v} vs {run_cfg['train'].get(key)})")
-    _atomic_json(cfg_path, run_cfg)
+    atomic_write_json(cfg_path, run_cfg)
 
     lab = load_or_compute_labels(
         q_t, keys_t, labels_dir=labels_dir, cache_dir=root / "labels",
         partition_ids=pid, n_partitions=n_parts, progress=progress,
     )
     train_idx, val_idx = split_queries(q_t.shape[0], cfg.val_fraction, cfg.seed)
-    _atomic_json(root / "split.json", {"seed": cfg.seed, "val_index": val_idx.tolist()})
+    atomic_write_json(root / "split.json", {"seed": cfg.seed, "val_index": val_idx.tolist()})
 
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg).to(dev)
@@ -580,7 +551,7 @@ def train(
         if metrics_path.exists():  # drop lines written after the checkpoint we resume from
             lines = [ln for ln in metrics_path.read_text().splitlines() if ln.strip()]
             kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= start]
-            _atomic_write_bytes(metrics_path, ("\n".join(kept) + "\n").encode() if kept else b"")
+            atomic_write_bytes(metrics_path, ("\n".join(kept) + "\n").encode() if kept else b"")
     elif metrics_path.exists():
         metrics_path.unlink()
 
@@ -692,5 +663,5 @@ def train(
         save(step)
     state = {"step": step, "steps": cfg.steps, "finished": step >= cfg.steps, "elapsed_s": time.time() - t0,
              "val": last}
-    _atomic_json(root / "state.json", state)
+    atomic_write_json(root / "state.json", state)
     return last

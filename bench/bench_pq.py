@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,6 +43,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import device_name, git_sha  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "data"
 OUT = ROOT / "bench" / "out"
 sys.path.insert(0, str(ROOT))
@@ -56,28 +57,6 @@ from amips.quantize import ProductQuantizer  # noqa: E402
 
 ROWS: list[dict] = []
 PART = {"name": ""}
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                       stderr=subprocess.DEVNULL, text=True).strip()
-    except Exception:
-        return "uncommitted"
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    model = "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores)"
 
 
 def record(provider, dataset, bits, subspaces, threshold, reorder, metric, value, **extra):

@@ -30,6 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._io import atomic_save_npy, atomic_write
+from .._io import atomic_write_json as atomic_save_json
+from .._io import sha256_file as file_sha256
 from .._validate import InputError, check_int_vector, check_matrix, check_positive_int, to_tensor
 from .kmeans import METRICS, kmeans
 from .routers import (
@@ -53,37 +56,6 @@ def partitions_digest(partitions: np.ndarray) -> str:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(partitions, dtype=np.int64))
     return hashlib.sha256(buf.getvalue()).hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(file_object)`` on a temporary file, fsync, then rename over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_save_npy(path, array: np.ndarray) -> None:
-    atomic_write(path, lambda f: np.save(f, array))
-
-
-def atomic_save_json(path, obj) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def _pq_class():
