@@ -23,6 +23,8 @@ best nprobe of L scores (comparisons) is not counted.
 
 from __future__ import annotations
 
+import abc
+import math
 from dataclasses import dataclass
 
 import torch
@@ -58,14 +60,16 @@ def _as_queries(queries, d: int | None) -> torch.Tensor:
     return q.float()
 
 
-class Router:
+class Router(abc.ABC):
+    """Ranks IVF lists for queries; subclasses give the list scores and their FLOP cost."""
+
     name = "router"
     n_lists: int
     d: int
 
+    @abc.abstractmethod
     def list_scores(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores [nq, L] of every list, scan queries [nq, d])."""
-        raise NotImplementedError
 
     def route(self, queries, nprobe: int) -> Route:
         q = _as_queries(queries, self.d)
@@ -73,8 +77,9 @@ class Router:
         scores, scan_q = self.list_scores(q)
         return Route(top_lists(scores, nprobe), scan_q)
 
+    @abc.abstractmethod
     def flops_per_query(self, nprobe: int) -> float:
-        raise NotImplementedError
+        """Routing FLOPs per query (a multiply-add counts 2)."""
 
     def describe(self) -> str:
         return self.name
@@ -210,6 +215,18 @@ class FixedRouter(Router):
     def __init__(self, lists: torch.Tensor, n_lists: int, d: int, cost: float = 0.0):
         self.lists = lists.long()
         self.n_lists, self.d, self.cost = int(n_lists), int(d), float(cost)
+
+    def list_scores(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The given order as scores: the r-th given list scores -r, lists not given -inf."""
+        q = _as_queries(queries, self.d)
+        if self.lists.shape[0] != q.shape[0]:
+            raise InputError(f"router: {self.lists.shape[0]} fixed routes for {q.shape[0]} queries")
+        lists = self.lists.to(q.device)
+        scores = torch.full((q.shape[0], self.n_lists), -math.inf, device=q.device)
+        rank = -torch.arange(lists.shape[1], device=q.device, dtype=scores.dtype).expand_as(lists)
+        valid = lists >= 0
+        scores[torch.nonzero(valid)[:, 0], lists[valid]] = rank[valid]
+        return scores, q
 
     def route(self, queries, nprobe: int) -> Route:
         q = _as_queries(queries, self.d)
