@@ -6,7 +6,8 @@ import torch
 
 import amips
 from amips import InputError, exact_top1, exact_topk, partition_top1
-from amips.labels import Candidates, KeySource, _certify_and_refine
+from amips.labels import Candidates, KeySource
+from amips.labels.certify import _certify_and_refine
 
 
 def oracle(q, k):
@@ -246,7 +247,7 @@ def test_certification_cascade_bf16_then_fp32_then_fp64():
 
 
 def test_bf16_bitwise_threshold_compare_equals_float_compare():
-    from amips.labels import _at_least
+    from amips.labels.screen import _at_least
 
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(64, 300, generator=g).bfloat16()

@@ -1,0 +1,268 @@
+"""One query batch against all key shards, and the in-memory Python API."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .._validate import (
+    InputError,
+    check_int_vector,
+    check_matrix,
+    check_positive_int,
+    to_tensor,
+)
+from ..kernels.mips_topk import mips_topk_ref
+from .certify import MAX_TOPK, Candidates, KeySource, _certify_and_refine, _merge, _rank_exact
+from .screen import (
+    _load_shard,
+    _screen_partitions,
+    _screen_partitions_cpu,
+    _screen_top1_cpu_bf16,
+    _screen_topk,
+    _Shard,
+    _use_kernel,
+    resolve_precision,
+)
+
+
+# ----------------------------------------------------------------------------------------
+# One query batch against all key shards.
+# ----------------------------------------------------------------------------------------
+@dataclass
+class LabelSpec:
+    topk: int | None = None  # None: top-1 only
+    partitions: torch.Tensor | None = None  # int64 [nk] partition id per key
+    n_partitions: int = 0
+    precision: str = "auto"
+    shard_size: int = 1 << 20
+
+
+def _screen_width(k: int, precision: str) -> int:
+    extra = {"fp32": 1, "tf32": 3, "bf16": 7}[precision]
+    return k + extra
+
+
+def _exact_fallback_topk(q64: torch.Tensor, keys: KeySource, k: int, shard_size: int):
+    best_s = best_i = None
+    for a in range(0, keys.n, shard_size):
+        b = min(a + shard_size, keys.n)
+        block = keys.shard(a, b, q64.device).double()
+        s, i = mips_topk_ref(q64, block, k)
+        s, i = s[:, 0], torch.where(i[:, 0] >= 0, i[:, 0] + a, i[:, 0])
+        if best_s is not None:
+            s, i = _rank_exact(torch.cat([best_s, s], 1), torch.cat([best_i, i], 1), k)
+        best_s, best_i = s, i
+    return best_s, best_i
+
+
+def _exact_fallback_partition(q64: torch.Tensor, keys: KeySource, part_ids: torch.Tensor, p: int):
+    members = torch.nonzero(part_ids == p).ravel()
+    rows = keys.rows64(members, q64.device)
+    s = q64 @ rows.T
+    best = torch.argmax(s, dim=1)  # argmax returns the first maximum: lowest index
+    return s.gather(1, best[:, None])[:, 0], members.to(q64.device)[best]
+
+
+class BatchLabeler:
+    """Labels one query batch: streams the key shards, then certifies and refines."""
+
+    def __init__(self, keys: KeySource, spec: LabelSpec, device: torch.device):
+        self.keys = keys
+        self.spec = spec
+        self.device = device
+        self.precision = resolve_precision(spec.precision, device)
+        self.n_shards = max(1, math.ceil(keys.n / spec.shard_size))
+        self._cached: _Shard | None = None
+
+    def shard(self, j: int) -> _Shard:
+        if self._cached is not None and self._cached.start == j * self.spec.shard_size:
+            return self._cached
+        start = j * self.spec.shard_size
+        stop = min(start + self.spec.shard_size, self.keys.n)
+        shard = _load_shard(self.keys, start, stop, self.device, self.precision)
+        if self.n_shards == 1:
+            self._cached = shard
+        return shard
+
+    def screen(self, q: torch.Tensor, j: int, state: dict[str, Candidates] | None):
+        """Merge shard ``j``'s screened candidates into ``state`` (None at the start)."""
+        state = dict(state or {})
+        shard = self.shard(j)
+        k = self.spec.topk or 1
+        if self._needs_top_screen:
+            if self.spec.topk is None and not _use_kernel(q) and self.precision == "bf16":
+                cand = _screen_top1_cpu_bf16(q, shard)
+            else:
+                cand = _screen_topk(q, shard, _screen_width(k, self.precision), self.precision)
+            state["top"] = _merge(state.get("top"), cand, k)
+        if self.spec.partitions is not None:
+            ids = self.spec.partitions[shard.start : shard.start + shard.keys.shape[0]].to(q.device)
+            if _use_kernel(q):
+                kp = _screen_width(1, self.precision)
+                part = _screen_partitions(q, shard, ids, self.spec.n_partitions, kp, self.precision)
+            else:
+                part = _screen_partitions_cpu(q, shard, ids, self.spec.n_partitions)
+            state["part"] = _merge(state.get("part"), part, 1)
+        return state
+
+    @property
+    def _needs_top_screen(self) -> bool:
+        # with partitions, the exact top-1 is the best of the lists' exact top-1s
+        return self.spec.partitions is None or self.spec.topk is not None
+
+    def finish(self, q: torch.Tensor, state: dict[str, Candidates]) -> tuple[dict[str, np.ndarray], dict]:
+        q64 = q.double()
+        stats = {"queries": int(q.shape[0]), "rescreened_queries": 0, "fallback_queries": 0}
+        out = {}
+        if self._needs_top_screen:
+            out.update(self._finish_top(q, q64, state["top"], stats))
+        if self.spec.partitions is not None:
+            ps, pi = self._finish_partitions(q64, state["part"], stats)
+            out["partition_score"], out["partition_index"] = ps.float(), pi
+            if not self._needs_top_screen:
+                # best list first by exact score, then by lowest key index among equal scores
+                big = torch.iinfo(torch.int64).max
+                s64, i64 = _rank_exact(ps, pi.masked_fill(pi < 0, big), 1)
+                out["top1_score"], out["top1_index"] = s64[:, 0].float(), i64[:, 0]
+        return {name: t.cpu().numpy() for name, t in out.items()}, stats
+
+    def _finish_top(self, q, q64, cand: Candidates, stats: dict) -> dict[str, torch.Tensor]:
+        k = self.spec.topk or 1
+        s, i, ok = _certify_and_refine(cand, k, q64, self.keys)
+        if not bool(ok.all()) and self.precision != "fp32":
+            # cascade: a low-precision screen that could not separate the candidates is
+            # repeated in exact-product fp32 (bound ~ d * 2^-24) for those queries only
+            bad = torch.nonzero(~ok).ravel()
+            stats["rescreened_queries"] = int(bad.numel())
+            cand = None
+            for j in range(self.n_shards):
+                screened = _screen_topk(q[bad], self.shard(j), _screen_width(k, "fp32") + 3, "fp32")
+                cand = _merge(cand, screened, k)
+            rs, ri, rok = _certify_and_refine(cand, k, q64[bad], self.keys)
+            s[bad], i[bad] = rs, ri
+            ok[bad] = rok
+        if not bool(ok.all()):
+            bad = torch.nonzero(~ok).ravel()
+            stats["fallback_queries"] = int(bad.numel())
+            fs, fi = _exact_fallback_topk(q64[bad], self.keys, k, self.spec.shard_size)
+            s[bad], i[bad] = fs, fi
+        out = {"top1_score": s[:, 0].float(), "top1_index": i[:, 0]}
+        if self.spec.topk is not None:
+            out["topk_score"], out["topk_index"] = s.float(), i
+        return out
+
+    def _finish_partitions(self, q64, cand: Candidates, stats: dict):
+        ps, pi, pok = _certify_and_refine(cand, 1, q64, self.keys)
+        ps, pi = ps[..., 0], pi[..., 0]
+        stats["fallback_pairs"] = int((~pok).sum())
+        if not bool(pok.all()):
+            for p in torch.unique(torch.nonzero(~pok)[:, 1]).tolist():
+                rows = torch.nonzero(~pok[:, p]).ravel()
+                fs, fi = _exact_fallback_partition(q64[rows], self.keys, self.spec.partitions, p)
+                ps[rows, p], pi[rows, p] = fs, fi
+        return ps, pi
+
+
+# ----------------------------------------------------------------------------------------
+# Python API.
+# ----------------------------------------------------------------------------------------
+def _prepare(queries, keys):
+    q = check_matrix(to_tensor(queries, "queries"), "queries")
+    ksrc = KeySource(keys, "keys")
+    if ksrc.d != q.shape[1]:
+        raise InputError(
+            f"keys: dimension mismatch, queries have d = {q.shape[1]}, keys have d = {ksrc.d}"
+        )
+    if isinstance(keys, torch.Tensor) and keys.device != q.device:
+        raise InputError(f"keys: on {keys.device} but queries on {q.device}; move them to one device")
+    return q, ksrc
+
+
+def _as_output(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(array).to(device)
+
+
+def _default_batch_size(device: torch.device, n_partitions: int = 0) -> int:
+    """Queries per batch: large for throughput, smaller when [batch, lists] state is kept."""
+    size = 65536 if device.type == "cuda" else 16384
+    if n_partitions:
+        size = min(size, max(1024, (1 << 24) // n_partitions))
+    return size
+
+
+def _run_in_memory(q: torch.Tensor, ksrc: KeySource, spec: LabelSpec, batch_size: int | None,
+                   device=None):
+    device = torch.device(device) if device is not None else q.device
+    labeler = BatchLabeler(ksrc, spec, device)
+    if batch_size is None:
+        batch_size = _default_batch_size(device, spec.n_partitions)
+    parts: dict[str, list[np.ndarray]] = {}
+    for a in range(0, q.shape[0], batch_size):
+        qb = q[a : a + batch_size].to(device=device, dtype=torch.float32).contiguous()
+        state = None
+        for j in range(labeler.n_shards):
+            state = labeler.screen(qb, j, state)
+        out, _ = labeler.finish(qb, state)
+        for name, arr in out.items():
+            parts.setdefault(name, []).append(arr)
+    return {name: _as_output(np.concatenate(arrs), q.device) for name, arrs in parts.items()}
+
+
+def exact_top1(queries, keys, *, precision: str = "auto", batch_size: int | None = None,
+               shard_size: int = 1 << 20, device=None):
+    """Exact maximum inner product: for each query, the best key's score and index.
+
+    ``queries`` [nq, d] and ``keys`` [nk, d]: numpy arrays (memory maps are streamed in
+    shards of ``shard_size`` keys) or torch tensors (fp16/bf16/fp32/fp64; computed in fp32
+    and certified in fp64). Ties resolve to the lowest key index. Returns ``(scores fp32
+    [nq], indices int64 [nq])`` on the queries' device.
+    """
+    shard_size = check_positive_int(shard_size, "shard_size")
+    q, ksrc = _prepare(queries, keys)
+    out = _run_in_memory(q, ksrc, LabelSpec(precision=precision, shard_size=shard_size),
+                         batch_size, device)
+    return out["top1_score"], out["top1_index"]
+
+
+def exact_topk(queries, keys, k: int, *, precision: str = "auto", batch_size: int | None = None,
+               shard_size: int = 1 << 20, device=None):
+    """Exact top-k (k <= 128) by inner product, sorted (score desc, index asc).
+
+    Returns ``(scores fp32 [nq, k], indices int64 [nq, k])``; when ``k`` exceeds the number of
+    keys the tail is padded with ``-inf`` / ``-1``.
+    """
+    k = check_positive_int(k, "k", maximum=MAX_TOPK)
+    shard_size = check_positive_int(shard_size, "shard_size")
+    q, ksrc = _prepare(queries, keys)
+    out = _run_in_memory(q, ksrc, LabelSpec(topk=k, precision=precision, shard_size=shard_size),
+                         batch_size, device)
+    return out["topk_score"], out["topk_index"]
+
+
+def partition_top1(queries, keys, partition_ids, n_partitions: int | None = None, *,
+                   precision: str = "auto", batch_size: int | None = None,
+                   shard_size: int = 1 << 20, device=None):
+    """Per-partition exact top-1 (each IVF list's support value and its best key).
+
+    ``partition_ids`` [nk] holds one partition id per key (any order). Returns ``(scores fp32
+    [nq, P], indices int64 [nq, P])``; an empty partition gives ``-inf`` and ``-1``.
+    """
+    q, ksrc = _prepare(queries, keys)
+    ids = check_int_vector(partition_ids, "partition_ids", length=ksrc.n)
+    max_id = int(ids.max()) + 1
+    if n_partitions is None:
+        n_partitions = max_id
+    n_partitions = check_positive_int(n_partitions, "n_partitions")
+    if max_id > n_partitions:
+        raise InputError(f"partition_ids: id {max_id - 1} >= n_partitions = {n_partitions}")
+    shard_size = check_positive_int(shard_size, "shard_size")
+    spec = LabelSpec(partitions=ids, n_partitions=n_partitions, precision=precision,
+                     shard_size=shard_size)
+    out = _run_in_memory(q, ksrc, spec, batch_size, device)
+    return out["partition_score"], out["partition_index"]
+
+

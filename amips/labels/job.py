@@ -1,0 +1,222 @@
+"""The resumable, sharded label job behind ``amips labels``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .._io import (
+    atomic_save_npy,
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_bytes,
+    file_fingerprint,
+)
+from .._validate import (
+    InputError,
+    check_int_vector,
+    check_positive_int,
+)
+from .batch import BatchLabeler, LabelSpec, _default_batch_size
+from .certify import MAX_TOPK, Candidates, KeySource
+from .screen import resolve_precision
+
+# ----------------------------------------------------------------------------------------
+# The resumable label job behind `amips labels`.
+# ----------------------------------------------------------------------------------------
+PARTIAL_DIR = ".amips_labels_partial"
+MANIFEST = "labels.json"
+
+
+OUTPUT_FILES = {
+    "top1_index": "top1_index.npy",
+    "top1_score": "top1_score.npy",
+    "topk_index": "topk_index.npy",
+    "topk_score": "topk_score.npy",
+    "partition_index": "partition_index.npy",
+    "partition_score": "partition_score.npy",
+}
+
+
+def run_label_job(
+    keys_path: str | os.PathLike,
+    queries_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    partitions_path: str | os.PathLike | None = None,
+    topk: int | None = None,
+    device: str = "cpu",
+    batch_size: int | None = None,
+    shard_size: int = 1 << 20,
+    precision: str = "auto",
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
+    """Compute labels for files on disk into ``out_dir``; resumable after a kill.
+
+    Each finished query batch is committed atomically to ``out_dir/.amips_labels_partial``
+    (and, with several key shards, the running candidates after every shard). Outputs are
+    written atomically only when every batch is done; ``labels.json`` is written last.
+    Running the same command again after an interruption finishes the job.
+    """
+    from tqdm.auto import tqdm
+
+    from ..data import load_array
+
+    out = Path(out_dir)
+    keys_arr = load_array(keys_path, name="keys")
+    queries_arr = load_array(queries_path, name="queries")
+    for name, arr in (("keys", keys_arr), ("queries", queries_arr)):
+        if arr.ndim != 2:
+            raise InputError(f"{name}: expected a 2-D array [n, d], got shape {arr.shape}")
+        if arr.dtype.kind not in "fiu":
+            raise InputError(f"{name}: expected numeric vectors, got dtype {arr.dtype}")
+        if arr.shape[0] == 0 or arr.shape[1] == 0:
+            raise InputError(f"{name}: is empty (shape {arr.shape})")
+    if keys_arr.shape[1] != queries_arr.shape[1]:
+        raise InputError(
+            f"queries: dimension mismatch, keys have d = {keys_arr.shape[1]}, "
+            f"queries have d = {queries_arr.shape[1]}"
+        )
+    if topk is not None:
+        topk = check_positive_int(topk, "topk", maximum=MAX_TOPK)
+    shard_size = check_positive_int(shard_size, "shard_size")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device: cuda requested but no CUDA device is available")
+    precision_used = resolve_precision(precision, dev)
+
+    part_ids = None
+    n_partitions = 0
+    if partitions_path is not None:
+        raw = load_array(partitions_path, name="partitions", mmap=False)
+        if raw.ndim != 1:
+            raise InputError(f"partitions: expected a 1-D array of ids, got shape {raw.shape}")
+        part_ids = check_int_vector(np.asarray(raw), "partitions", length=keys_arr.shape[0])
+        n_partitions = int(part_ids.max()) + 1
+    if batch_size is None:
+        batch_size = _default_batch_size(dev, n_partitions)
+    batch_size = check_positive_int(batch_size, "batch_size")
+
+    job = {
+        "keys": file_fingerprint(keys_path),
+        "queries": file_fingerprint(queries_path),
+        "partitions": file_fingerprint(partitions_path) if partitions_path else None,
+        "topk": topk,
+        "batch_size": batch_size,
+        "shard_size": shard_size,
+        "precision": precision_used,
+    }
+    manifest_path = out / MANIFEST
+    partial = out / PARTIAL_DIR
+    if manifest_path.exists() and not partial.exists():
+        done = json.loads(manifest_path.read_text())
+        if done.get("job") == job and not overwrite:
+            if progress:
+                print(f"labels in {out} are complete and match this job; nothing to do")
+            return done
+        if not overwrite:
+            raise InputError(
+                f"out: {out} already holds labels of a different job; pass --overwrite or use another folder"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite and partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(exist_ok=True)
+    job_file = partial / "job.json"
+    if job_file.exists():
+        previous = json.loads(job_file.read_text())
+        if previous != job:
+            if not overwrite:
+                raise InputError(
+                    f"out: {partial} holds partial work of a different job (inputs or options "
+                    "changed); pass --overwrite to discard it"
+                )
+    atomic_write_bytes(job_file, json.dumps(job, indent=2).encode())
+
+    nq = queries_arr.shape[0]
+    keys_src = KeySource(keys_arr, "keys")
+    spec = LabelSpec(topk=topk, partitions=part_ids, n_partitions=n_partitions,
+                     precision=precision_used, shard_size=shard_size)
+    labeler = BatchLabeler(keys_src, spec, dev)
+    n_batches = math.ceil(nq / batch_size)
+    t0 = time.perf_counter()
+    stats_total = {"queries": 0, "rescreened_queries": 0, "fallback_queries": 0}
+    if part_ids is not None:
+        stats_total["fallback_pairs"] = 0
+    bar = tqdm(total=n_batches * labeler.n_shards, desc="labels", unit="shard", disable=not progress)
+    for b in range(n_batches):
+        part_file = partial / f"batch_{b:06d}.npz"
+        if part_file.exists():
+            with np.load(part_file) as f:
+                for key in stats_total:
+                    stats_total[key] += int(f[f"stat_{key}"])
+            bar.update(labeler.n_shards)
+            continue
+        a, z = b * batch_size, min((b + 1) * batch_size, nq)
+        block = np.array(queries_arr[a:z], dtype=np.float32, order="C")
+        if not np.isfinite(block).all():
+            raise InputError(f"queries: contains NaN or inf values (rows {a}..{z - 1})")
+        q = torch.from_numpy(block).to(dev)
+        state_file = partial / f"batch_{b:06d}.state.pt"
+        state, first = None, 0
+        if state_file.exists():
+            saved = torch.load(state_file, map_location=dev, weights_only=True)
+            first = int(saved["next_shard"])
+            state = {name: Candidates(**saved[name]) for name in ("top", "part") if name in saved}
+            bar.update(first)
+        for j in range(first, labeler.n_shards):
+            state = labeler.screen(q, j, state)
+            if labeler.n_shards > 1 and j + 1 < labeler.n_shards:
+                blob = {name: c.to("cpu").state() for name, c in state.items()}
+                blob["next_shard"] = j + 1
+                atomic_torch_save(state_file, blob)
+            bar.update(1)
+        result, stats = labeler.finish(q, state)
+        for key in stats_total:
+            stats_total[key] += stats[key]
+        payload = {**result, **{f"stat_{k}": np.int64(v) for k, v in stats.items()}}
+        atomic_write(part_file, lambda fh, payload=payload: np.savez(fh, **payload))
+        if state_file.exists():
+            state_file.unlink()
+    bar.close()
+
+    # Assemble outputs from the committed batches, each file written atomically.
+    names = ["top1_index", "top1_score"]
+    if topk is not None:
+        names += ["topk_index", "topk_score"]
+    if part_ids is not None:
+        names += ["partition_index", "partition_score"]
+    parts = [np.load(partial / f"batch_{b:06d}.npz") for b in range(n_batches)]
+    for name in names:
+        arr = np.concatenate([p[name] for p in parts])
+        if name.endswith("_index"):
+            arr = arr.astype(np.int64)
+        else:
+            arr = arr.astype(np.float32)
+        atomic_save_npy(out / OUTPUT_FILES[name], arr)
+    for p in parts:
+        p.close()
+    elapsed = time.perf_counter() - t0
+    manifest = {
+        "job": job,
+        "outputs": {name: OUTPUT_FILES[name] for name in names},
+        "n_queries": int(nq),
+        "n_keys": int(keys_arr.shape[0]),
+        "d": int(keys_arr.shape[1]),
+        "n_partitions": n_partitions or None,
+        "device": str(dev),
+        "certification": stats_total,
+        "seconds_last_run": round(elapsed, 3),
+    }
+    atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2).encode())
+    shutil.rmtree(partial)
+    return manifest
+
