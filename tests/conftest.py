@@ -40,3 +40,14 @@ def shared_data() -> Path:
 @pytest.fixture
 def device() -> str:
     return "cuda" if _HAS_CUDA else "cpu"
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with one torch thread (a fixed reduction order), then restore."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -18,13 +18,8 @@ from amips.kernels.pq_scan import (
 from amips._validate import InputError
 from amips.index.pq_scanner import PQScanner
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# torch single-threaded here: a fixed reduction order and no oversubscription of 2 cores
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _brute(lut, codes, offsets, probes, bias):

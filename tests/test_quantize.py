@@ -16,13 +16,8 @@ from amips.quantize import (
     score_aware_loss,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# torch single-threaded here: a fixed reduction order and no oversubscription of 2 cores
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _unit(n, d, seed=0, dtype=torch.float32):
