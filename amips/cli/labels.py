@@ -55,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"labels: {manifest['n_queries']:,} queries x {manifest['n_keys']:,} keys (d = "
             f"{manifest['d']}) on {manifest['device']}, {manifest['seconds_last_run']:.2f} s; "
-            f"certified: {cert['queries'] - cert['rescreened_queries']:,} from the "
-            f"{manifest['job']['precision']} screen, "
+            f"certified: {cert['queries'] - cert['rescreened_queries']:,} from the screen "
+            f"({manifest['screen']['top']}), "
             f"{cert['rescreened_queries'] - cert['fallback_queries']:,} after an fp32 re-screen, "
             f"{cert['fallback_queries']:,} by a full fp64 scan"
         )

@@ -213,10 +213,23 @@ def run_label_job(
         "d": int(keys_arr.shape[1]),
         "n_partitions": n_partitions or None,
         "device": str(dev),
+        "screen": _screen_description(dev, precision_used, topk, part_ids is not None),
         "certification": stats_total,
         "seconds_last_run": round(elapsed, 3),
     }
     atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2).encode())
     shutil.rmtree(partial)
     return manifest
+
+
+def _screen_description(device: torch.device, precision: str, topk: int | None, partitions: bool) -> dict:
+    """Which screen produced each output (the certification makes all of them exact)."""
+    if device.type == "cuda":
+        kernel = f"triton mips_topk ({precision})"
+        return {"top": kernel, "partitions": kernel if partitions else None, "rescreen": "triton (ieee fp32)"}
+    top = "cpu bf16 threshold" if (precision == "bf16" and topk is None) else "faiss/torch fp32 top-k"
+    if partitions and topk is None:
+        top = "derived from the per-partition results"
+    return {"top": top, "partitions": "cpu fp32 threshold" if partitions else None,
+            "rescreen": "faiss/torch fp32"}
 
