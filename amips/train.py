@@ -558,6 +558,10 @@ def train(
     keys_dev = keys_t.to(dev)
     q_dev = q_t.to(dev)
     pid_dev = pid.to(dev) if pid is not None else None
+    # one labeler for the whole run: the key shard is prepared once, not at every step
+    noisy_labeler = _labels.Labeler(
+        keys_dev, partition_ids=pid_dev, n_partitions=n_parts if pid_dev is not None else None
+    )
     top1_i = lab["top1_index"].to(dev)
     top1_s = lab["top1_score"].float().to(dev)
     part_s = lab["partition_score"].float().to(dev) if pid is not None else None
@@ -607,7 +611,8 @@ def train(
                     norms = qn.norm(dim=1, keepdim=True)
                     qn = qn + cfg.noise * norms * eps[noisy] / math.sqrt(d)
                     qn = qn * (norms / qn.norm(dim=1, keepdim=True).clamp_min(1e-12))
-                    sn, in_ = _labels.exact_top1(qn, keys_dev)
+                    fresh = noisy_labeler(qn)
+                    sn, in_ = fresh["top1_score"], fresh["top1_index"]
                     q = q.clone()
                     q[noisy] = qn
                     s_star = s_star.clone()
@@ -615,7 +620,7 @@ def train(
                     s_star[noisy] = sn.float().to(dev)
                     i_star[noisy] = in_.long().to(dev)
                     if ps is not None:
-                        psn, _ = _labels.partition_top1(qn, keys_dev, pid_dev, n_parts)
+                        psn = fresh["partition_score"]
                         ps = ps.clone()
                         ps[noisy] = psn.float().to(dev)
             k_star = keys_dev[i_star]

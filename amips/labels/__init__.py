@@ -21,7 +21,7 @@ Keys larger than memory are streamed in shards from memory-mapped files; queries
 batches. :func:`run_label_job` is the resumable pipeline behind ``amips labels``.
 """
 
-from .batch import BatchLabeler, LabelSpec, exact_top1, exact_topk, partition_top1
+from .batch import BatchLabeler, Labeler, LabelSpec, exact_top1, exact_topk, partition_top1
 from .certify import CANDIDATE_CAP, MAX_TOPK, Candidates, KeySource
 from .job import MANIFEST, OUTPUT_FILES, PARTIAL_DIR, run_label_job
 from .screen import resolve_precision
@@ -31,6 +31,7 @@ __all__ = [
     "exact_topk",
     "partition_top1",
     "run_label_job",
+    "Labeler",
     "resolve_precision",
     "BatchLabeler",
     "LabelSpec",

@@ -170,18 +170,6 @@ class BatchLabeler:
 # ----------------------------------------------------------------------------------------
 # Python API.
 # ----------------------------------------------------------------------------------------
-def _prepare(queries, keys):
-    q = check_matrix(to_tensor(queries, "queries"), "queries")
-    ksrc = KeySource(keys, "keys")
-    if ksrc.d != q.shape[1]:
-        raise InputError(
-            f"keys: dimension mismatch, queries have d = {q.shape[1]}, keys have d = {ksrc.d}"
-        )
-    if isinstance(keys, torch.Tensor) and keys.device != q.device:
-        raise InputError(f"keys: on {keys.device} but queries on {q.device}; move them to one device")
-    return q, ksrc
-
-
 def _as_output(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(array).to(device)
 
@@ -194,22 +182,61 @@ def _default_batch_size(device: torch.device, n_partitions: int = 0) -> int:
     return size
 
 
-def _run_in_memory(q: torch.Tensor, ksrc: KeySource, spec: LabelSpec, batch_size: int | None,
-                   device=None):
-    device = torch.device(device) if device is not None else q.device
-    labeler = BatchLabeler(ksrc, spec, device)
-    if batch_size is None:
-        batch_size = _default_batch_size(device, spec.n_partitions)
-    parts: dict[str, list[np.ndarray]] = {}
-    for a in range(0, q.shape[0], batch_size):
-        qb = q[a : a + batch_size].to(device=device, dtype=torch.float32).contiguous()
-        state = None
-        for j in range(labeler.n_shards):
-            state = labeler.screen(qb, j, state)
-        out, _ = labeler.finish(qb, state)
-        for name, arr in out.items():
-            parts.setdefault(name, []).append(arr)
-    return {name: _as_output(np.concatenate(arrs), q.device) for name, arrs in parts.items()}
+class Labeler:
+    """Exact labels for any number of query sets against one key set.
+
+    Construction checks the keys and their options once; the prepared key shard (norms, and
+    on CPU the bf16 copy) is kept between calls when the keys fit in one shard, so a training
+    loop that labels a noisy batch every step pays only for the screen and the fp64
+    refinement. ``labeler(queries)`` returns a dict of tensors on the queries' device:
+    ``top1_score`` / ``top1_index``, plus ``topk_score`` / ``topk_index`` with ``topk`` and
+    ``partition_score`` / ``partition_index`` [nq, P] with ``partition_ids``.
+    """
+
+    def __init__(self, keys, *, topk: int | None = None, partition_ids=None,
+                 n_partitions: int | None = None, precision: str = "auto",
+                 shard_size: int = 1 << 20, batch_size: int | None = None, device=None):
+        self.keys = KeySource(keys, "keys")
+        self._keys_device = keys.device if isinstance(keys, torch.Tensor) else None
+        if topk is not None:
+            topk = check_positive_int(topk, "k", maximum=MAX_TOPK)
+        shard_size = check_positive_int(shard_size, "shard_size")
+        ids = None
+        if partition_ids is not None:
+            ids = check_int_vector(partition_ids, "partition_ids", length=self.keys.n)
+            max_id = int(ids.max()) + 1
+            if n_partitions is None:
+                n_partitions = max_id
+            n_partitions = check_positive_int(n_partitions, "n_partitions")
+            if max_id > n_partitions:
+                raise InputError(f"partition_ids: id {max_id - 1} >= n_partitions = {n_partitions}")
+        self.spec = LabelSpec(topk=topk, partitions=ids, n_partitions=n_partitions or 0,
+                              precision=precision, shard_size=shard_size)
+        self.device = torch.device(device) if device is not None else (self._keys_device or torch.device("cpu"))
+        self.batch_size = (check_positive_int(batch_size, "batch_size") if batch_size is not None
+                           else _default_batch_size(self.device, self.spec.n_partitions))
+        self._batch = BatchLabeler(self.keys, self.spec, self.device)
+
+    def __call__(self, queries) -> dict[str, torch.Tensor]:
+        q = check_matrix(to_tensor(queries, "queries"), "queries")
+        if q.shape[1] != self.keys.d:
+            raise InputError(
+                f"keys: dimension mismatch, queries have d = {q.shape[1]}, keys have d = {self.keys.d}"
+            )
+        if self._keys_device is not None and self._keys_device != q.device:
+            raise InputError(
+                f"keys: on {self._keys_device} but queries on {q.device}; move them to one device"
+            )
+        parts: dict[str, list[np.ndarray]] = {}
+        for a in range(0, q.shape[0], self.batch_size):
+            qb = q[a : a + self.batch_size].to(device=self.device, dtype=torch.float32).contiguous()
+            state = None
+            for j in range(self._batch.n_shards):
+                state = self._batch.screen(qb, j, state)
+            out, _ = self._batch.finish(qb, state)
+            for name, arr in out.items():
+                parts.setdefault(name, []).append(arr)
+        return {name: _as_output(np.concatenate(arrs), q.device) for name, arrs in parts.items()}
 
 
 def exact_top1(queries, keys, *, precision: str = "auto", batch_size: int | None = None,
@@ -219,12 +246,11 @@ def exact_top1(queries, keys, *, precision: str = "auto", batch_size: int | None
     ``queries`` [nq, d] and ``keys`` [nk, d]: numpy arrays (memory maps are streamed in
     shards of ``shard_size`` keys) or torch tensors (fp16/bf16/fp32/fp64; computed in fp32
     and certified in fp64). Ties resolve to the lowest key index. Returns ``(scores fp32
-    [nq], indices int64 [nq])`` on the queries' device.
+    [nq], indices int64 [nq])`` on the queries' device. To label many query sets against
+    the same keys, build a :class:`Labeler` once.
     """
-    shard_size = check_positive_int(shard_size, "shard_size")
-    q, ksrc = _prepare(queries, keys)
-    out = _run_in_memory(q, ksrc, LabelSpec(precision=precision, shard_size=shard_size),
-                         batch_size, device)
+    out = Labeler(keys, precision=precision, shard_size=shard_size, batch_size=batch_size,
+                  device=device)(queries)
     return out["top1_score"], out["top1_index"]
 
 
@@ -236,10 +262,8 @@ def exact_topk(queries, keys, k: int, *, precision: str = "auto", batch_size: in
     keys the tail is padded with ``-inf`` / ``-1``.
     """
     k = check_positive_int(k, "k", maximum=MAX_TOPK)
-    shard_size = check_positive_int(shard_size, "shard_size")
-    q, ksrc = _prepare(queries, keys)
-    out = _run_in_memory(q, ksrc, LabelSpec(topk=k, precision=precision, shard_size=shard_size),
-                         batch_size, device)
+    out = Labeler(keys, topk=k, precision=precision, shard_size=shard_size,
+                  batch_size=batch_size, device=device)(queries)
     return out["topk_score"], out["topk_index"]
 
 
@@ -251,18 +275,7 @@ def partition_top1(queries, keys, partition_ids, n_partitions: int | None = None
     ``partition_ids`` [nk] holds one partition id per key (any order). Returns ``(scores fp32
     [nq, P], indices int64 [nq, P])``; an empty partition gives ``-inf`` and ``-1``.
     """
-    q, ksrc = _prepare(queries, keys)
-    ids = check_int_vector(partition_ids, "partition_ids", length=ksrc.n)
-    max_id = int(ids.max()) + 1
-    if n_partitions is None:
-        n_partitions = max_id
-    n_partitions = check_positive_int(n_partitions, "n_partitions")
-    if max_id > n_partitions:
-        raise InputError(f"partition_ids: id {max_id - 1} >= n_partitions = {n_partitions}")
-    shard_size = check_positive_int(shard_size, "shard_size")
-    spec = LabelSpec(partitions=ids, n_partitions=n_partitions, precision=precision,
-                     shard_size=shard_size)
-    out = _run_in_memory(q, ksrc, spec, batch_size, device)
+    out = Labeler(keys, partition_ids=partition_ids, n_partitions=n_partitions,
+                  precision=precision, shard_size=shard_size, batch_size=batch_size,
+                  device=device)(queries)
     return out["partition_score"], out["partition_index"]
-
-
