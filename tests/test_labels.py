@@ -259,3 +259,23 @@ def test_bf16_bitwise_threshold_compare_equals_float_compare():
     ):
         expected = scores.double() >= threshold[:, None]
         assert torch.equal(_at_least(scores, threshold), expected)
+
+
+def test_labeler_reuses_keys_across_calls():
+    from amips.labels import Labeler
+
+    rng = np.random.default_rng(9)
+    keys = torch.from_numpy(rng.standard_normal((600, 12)).astype(np.float32))
+    ids = torch.from_numpy(rng.integers(0, 7, size=600))
+    lab = Labeler(keys, partition_ids=ids, n_partitions=8, batch_size=13)
+    for seed in (0, 1):
+        q = torch.from_numpy(np.random.default_rng(seed).standard_normal((40, 12)).astype(np.float32))
+        out = lab(q)
+        s, i = exact_top1(q, keys)
+        ps, pi = partition_top1(q, keys, ids, n_partitions=8)
+        assert torch.equal(out["top1_index"], i) and torch.equal(out["partition_index"], pi)
+        assert torch.isneginf(out["partition_score"][:, 7]).all()
+        check_top1(q.numpy(), keys.numpy(), out["top1_score"].numpy(), out["top1_index"].numpy())
+    assert lab._batch._cached is not None  # the prepared shard was kept
+    with pytest.raises(InputError, match="dimension mismatch"):
+        lab(torch.ones(2, 5))
