@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name, git_sha  # noqa: E402
+from _common import best_of, device_name, git_sha  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 
@@ -83,12 +82,7 @@ def time_fn(fn, device: str, repeats: int) -> float:
 
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
     fn()  # warm-up (and compilation)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_of(fn, repeats)[0]
 
 
 def main() -> None:

@@ -44,7 +44,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_name, git_sha  # noqa: E402
+from _common import best_of, device_name, git_sha  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 OUT = ROOT / "bench" / "out"
@@ -187,13 +187,8 @@ def part_fig3b(name, keys, queries, gt_ids, train_x, iters, dims_per_block=(8, 4
               f"sa-codebook {err_c:.4f}", flush=True)
 
 
-def best_of(fn, repeats=3):
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def best_seconds(fn, repeats=3) -> float:
+    return best_of(fn, repeats)[0]
 
 
 def part_side(name, keys, queries, gt_score, train_x, iters, n_qps, dims_per_block=2):
@@ -220,7 +215,7 @@ def part_side(name, keys, queries, gt_score, train_x, iters, n_qps, dims_per_blo
         agree = (pos[:, 0] == ids[:chk, 0]).double().mean().item()
         torch.set_num_threads(1)
         for r in reorders:
-            secs = best_of(lambda r=r, sc=sc: sc.search(qps_q, probes, 10, reorder=r, keys_by_list=keys),
+            secs = best_seconds(lambda r=r, sc=sc: sc.search(qps_q, probes, 10, reorder=r, keys_by_list=keys),
                            repeats=2)
             record(prov, name, bits, m, t, r, "qps_1thread", n_qps / secs, n_queries=n_qps)
             record(prov, name, bits, m, t, r, "match@1", res[r][0])
@@ -251,9 +246,9 @@ def part_side(name, keys, queries, gt_score, train_x, iters, n_qps, dims_per_blo
                 _, ids = refine.search(q_np, 10, params=params)
             m1, r10 = judge.metrics(torch.from_numpy(ids))
             if r == 0:
-                secs = best_of(lambda: base.search(qps_q.numpy(), 10))
+                secs = best_seconds(lambda: base.search(qps_q.numpy(), 10))
             else:
-                secs = best_of(lambda p=params: refine.search(qps_q.numpy(), 10, params=p))
+                secs = best_seconds(lambda p=params: refine.search(qps_q.numpy(), 10, params=p))
             for met, v in (("match@1", m1), ("recall1@10", r10), ("qps_1thread", n_qps / secs)):
                 record("faiss-pq-fastscan", name, bits, m, "", r, met, v, n_queries=n_qps)
         faiss.omp_set_num_threads(1)
@@ -280,7 +275,7 @@ def part_side(name, keys, queries, gt_score, train_x, iters, n_qps, dims_per_blo
             build = time.time() - t0
             ids, _ = searcher.search_batched(q_np, final_num_neighbors=10)
             m1, r10 = judge.metrics(torch.from_numpy(ids.astype(np.int64)))
-            secs = best_of(lambda s=searcher: s.search_batched(qps_q.numpy(),
+            secs = best_seconds(lambda s=searcher: s.search_batched(qps_q.numpy(),
                                                                final_num_neighbors=10))
             tt = "" if t != t else t
             for met, v in (("match@1", m1), ("recall1@10", r10), ("qps_1thread", n_qps / secs)):

@@ -6,14 +6,8 @@ import torch
 from amips import InputError, load_model
 from amips.models import KeyNet, RouterMLP, SupportNet, build_model, count_params, size_width
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny shapes: several intra-op threads only contend on the shared CI cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny shapes: several intra-op threads only contend on the shared CI cores
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

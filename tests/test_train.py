@@ -14,14 +14,8 @@ from amips.cli import main
 from amips.data import synthetic
 from amips.train import TrainConfig, evaluate, split_queries, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny shapes: several intra-op threads only contend on the shared CI cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny shapes: several intra-op threads only contend on the shared CI cores
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)
