@@ -146,6 +146,19 @@ class SupportNet(_Base):
             z = layer(z, q if a is not None else None, self.w_free[i], a, b, *cfg)
         return layer(z, q, self.w_out_free, self.a_out, self.b_out, "none", 0.0, 1.0)
 
+    @torch.no_grad()
+    def init_from_centroids(self, centroids: torch.Tensor) -> None:
+        """Start each head's linear input term at its list's centroid.
+
+        The output layer's unconstrained input weights ``a_out`` make head h a convex
+        function plus <q, a_out[h]>; starting a_out at the centroids (the input is scaled
+        by ``input_scale``) makes the router start near centroid routing. Convexity and
+        homogeneity are unaffected (a linear term is both)."""
+        c = torch.as_tensor(centroids)
+        if tuple(c.shape) != tuple(self.a_out.shape):
+            raise InputError(f"centroids: expected shape {tuple(self.a_out.shape)}, got {tuple(c.shape)}")
+        self.a_out.copy_(c.to(self.a_out) / self.input_scale)
+
     def optimizer_groups(self, lr: float) -> list[dict]:
         """Parameter groups: the free parameters of the positive weights learn faster.
 
@@ -282,20 +295,37 @@ class RouterMLP(_Base):
     kind = "router-mlp"
 
     def __init__(self, d: int, width: int = 256, depth: int = 2, n_heads: int = 1, *, residual: bool = False,
-                 input_scale: float = 1.0):
+                 input_scale: float = 1.0, linear_heads: bool = False):
         super().__init__(d, n_heads)
         self.input_scale = _check_scale(input_scale)
         self.width = check_positive_int(width, "width")
         self.depth = check_positive_int(depth, "depth")
         self.trunk = _MLPTrunk(d, width, depth, bool(residual))
         self.out = nn.Linear(width, n_heads)
+        # head h also gets <q, lin[h]>: started at list h's centroid, the router begins as
+        # centroid routing and the MLP learns the correction (see init_from_centroids)
+        self.lin = nn.Parameter(torch.zeros(n_heads, d)) if linear_heads else None
         self.config = {
             "kind": self.kind, "d": d, "width": width, "depth": depth, "n_heads": n_heads,
-            "residual": bool(residual), "input_scale": self.input_scale,
+            "residual": bool(residual), "input_scale": self.input_scale, "linear_heads": bool(linear_heads),
         }
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return self.out(self.trunk(q * self.input_scale))
+        out = self.out(self.trunk(q * self.input_scale))
+        if self.lin is not None:
+            out = out + q @ self.lin.to(q.dtype).T
+        return out
+
+    @torch.no_grad()
+    def init_from_centroids(self, centroids: torch.Tensor) -> None:
+        """Start as centroid routing: lin = the lists' centroids, the MLP's output weights 0."""
+        if self.lin is None:
+            raise InputError("init_from_centroids: the router was built without linear_heads")
+        c = torch.as_tensor(centroids)
+        if tuple(c.shape) != tuple(self.lin.shape):
+            raise InputError(f"centroids: expected shape {tuple(self.lin.shape)}, got {tuple(c.shape)}")
+        self.lin.copy_(c.to(self.lin))
+        self.out.weight.zero_()
 
     def score(self, q) -> torch.Tensor:
         q = self._check_queries(q)
@@ -305,7 +335,7 @@ class RouterMLP(_Base):
         return SupportNet.predict_key(self, q, chunk=chunk)
 
     def flops_per_query(self, with_key: bool = True) -> float:
-        macs = self.trunk.macs() + self.out.weight.numel()
+        macs = self.trunk.macs() + self.out.weight.numel() + (self.lin.numel() if self.lin is not None else 0)
         fwd = 2.0 * macs + 8.0 * self.width * self.depth
         return fwd + (self.n_heads * (2.0 * macs) if with_key else 0.0)
 

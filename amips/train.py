@@ -3,7 +3,13 @@
 Loss: ``w_score * MSE(score) + w_key * mean ||key - k*||^2``. With a partition of the keys
 into IVF lists the SupportNet (and the unconstrained ``router-mlp``) get one head per list
 and regress the per-list support values ``max_{k in list c} <q, k>`` (empty lists masked);
-their key loss, if any, is on the head of the list holding the global top-1 key.
+their key loss, if any, is on the head of the list holding the global top-1 key. Each
+head starts at centroid routing (its linear input term is the list's centroid, read from
+``centroids.npy`` beside the partitions file when present), so training learns the
+correction to <q, centroid> rather than the whole support function (``centroid_init``).
+The per-head squared errors are weighted towards the lists near the top (``focus``, see
+:func:`focus_weights`): routing needs the order of the best few lists, not the values of
+the hundreds far below.
 
 Queries are split into train and validation BY ORIGINAL QUERY before any augmentation.
 Augmentation adds Gaussian noise to a fraction of each training batch, renormalises each
@@ -70,6 +76,8 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = True
     max_minutes: float | None = None
+    centroid_init: bool = True
+    focus: float = 1.5
 
     # fields that may change between a run and its --resume
     MUTABLE = ("eval_every", "checkpoint_every", "max_minutes")
@@ -90,7 +98,7 @@ class TrainConfig:
         checks = {
             "lr": self.lr > 0, "weight_decay": self.weight_decay >= 0, "warmup": self.warmup >= 0,
             "clip": self.clip >= 0, "ema": 0 <= self.ema < 1, "w_score": self.w_score >= 0,
-            "w_key": self.w_key >= 0, "noise": self.noise >= 0,
+            "w_key": self.w_key >= 0, "noise": self.noise >= 0, "focus": self.focus >= 0,
             "noise_fraction": 0 <= self.noise_fraction <= 1,
             "val_fraction": 0 < self.val_fraction < 1,
         }
@@ -342,6 +350,25 @@ def _ema_update(ema: dict, model, decay: float) -> None:
             ema[name].mul_(decay).add_(p.detach(), alpha=1.0 - decay)
 
 
+def focus_weights(part_scores: torch.Tensor, valid: torch.Tensor, focus: float) -> torch.Tensor:
+    """Per-head loss weights [nq, L] that favour the lists competing for the top-1.
+
+    w = 1/3 + 2/3 · n_valid · softmax((s - max s) / (focus · std s)) per query, over its
+    non-empty lists: mean 1, a floor of 1/3 for every head, and most of the weight on the
+    lists whose support value is within about ``focus`` standard deviations of the best,
+    the ones whose ORDER decides the first probes. The temperature is relative to each
+    query's spread of support values, so it does not depend on the scale of the data.
+    """
+    s = part_scores.float().masked_fill(~valid, float("-inf"))
+    top = s.max(1, keepdim=True).values
+    spread = torch.where(valid, part_scores.float(), torch.nan)
+    std = torch.sqrt(torch.nanmean((spread - torch.nanmean(spread, 1, keepdim=True)) ** 2, 1, keepdim=True))
+    tau = (focus * std).clamp_min(1e-12)
+    soft = torch.softmax((s - top) / tau, dim=1).nan_to_num(0.0)
+    n = valid.sum(1, keepdim=True).to(soft.dtype)
+    return (1.0 + 2.0 * n * soft) / 3.0
+
+
 def _loss(model, q, cfg: TrainConfig, s_star, k_star, part_scores, best_list):
     kind = model.kind
     if kind == "keynet":
@@ -355,8 +382,10 @@ def _loss(model, q, cfg: TrainConfig, s_star, k_star, part_scores, best_list):
     f = model(qq).float()
     if part_scores is not None:
         valid = torch.isfinite(part_scores)
-        diff = (f - part_scores.nan_to_num(0.0, posinf=0.0, neginf=0.0))[valid]
-        loss_s = (diff ** 2).mean()
+        sq = (f - part_scores.nan_to_num(0.0, posinf=0.0, neginf=0.0)) ** 2
+        if cfg.focus > 0:
+            sq = sq * focus_weights(part_scores, valid, cfg.focus)
+        loss_s = sq[valid].mean()
         head_out = f.gather(1, best_list[:, None])[:, 0]
     else:
         loss_s = F.mse_loss(f[:, 0], s_star)
@@ -411,6 +440,8 @@ def _model_config(cfg: TrainConfig, d: int, n_keys: int, n_heads: int, queries: 
         base.update(inject_every=cfg.inject_every, homogeneous=cfg.homogeneous)
     else:
         base["residual"] = cfg.residual
+    if cfg.model == "router-mlp" and n_heads > 1 and cfg.centroid_init:
+        base["linear_heads"] = True
     if cfg.param_fraction is not None:
         budget = int(cfg.param_fraction * n_keys * d)
         base["width"] = size_width(base, budget)
@@ -518,6 +549,10 @@ def train(
 
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg).to(dev)
+    centroids = centroids_for(pid, keys_t, n_parts, part_path) if pid is not None else None
+    if n_heads > 1 and cfg.centroid_init:
+        # start at centroid routing; the network learns the correction to it
+        model.init_from_centroids(centroids.to(dev))
     # start each head's output at its mean label so early steps learn shape, not offset
     with torch.no_grad():
         tr = torch.as_tensor(train_idx)
@@ -566,7 +601,6 @@ def train(
     top1_s = lab["top1_score"].float().to(dev)
     part_s = lab["partition_score"].float().to(dev) if pid is not None else None
     train_t = torch.as_tensor(train_idx, device=dev)
-    centroids = centroids_for(pid, keys_t, n_parts, part_path) if pid is not None else None
     use_amp = cfg.bf16 and dev.type == "cuda"
 
     def ema_model():

@@ -3,19 +3,23 @@
 On a dataset folder (default ../shared/data/wordnet): one spherical k-means IVF index
 (about sqrt(n) lists), searched with
 - amips, exact scan: centroid routing, the multi-head router (router-mlp, one head per
-  list, MSE on per-list support values), optionally the convex multi-head SupportNet,
-  KeyNet substitution (route and scan with KeyNet(q)) and KeyNet route-only;
+  list), the convex multi-head SupportNet (both start at centroid routing and regress the
+  per-list support values with the focus-weighted MSE of ``amips.train``), KeyNet
+  substitution (route and scan with KeyNet(q)) and KeyNet route-only;
 - faiss on the SAME lists: IndexIVFFlat (its own centroid routing), and
-  IndexIVFPQFastScan (4-bit, d/2 subspaces, by residual) + exact refine of 100, routed by
-  the centroids and by the learned router (search_preassigned);
-- anchors: ScaNN (tree, spherical, score_ah(2, T=0.2), reorder 100) and hnswlib, when
+  IndexIVFPQFastScan (4-bit, d/2 subspaces, by residual) + exact re-score of the best R
+  candidates, routed by the centroids and by the learned routers (search_preassigned), and
+  faiss alone (the same fast-scan index, its own routing, IndexRefineFlat);
+- anchors: ScaNN (tree, spherical, score_ah(2, T=0.2), reorder R) and hnswlib, when
   installed.
-Everything runs in one process with the same thread count (default 1), queries in one
-batch, best of ``--repeats``. FLOPs per query count a multiply-add as 2 (router + scan;
-PQ: LUT + one add per subspace per code + refine); hnswlib's are not counted.
+PQ configurations are swept over nprobe and R (``--refine``) and compared on their
+(QPS, match@1) frontier. Everything runs in one process with the same thread count
+(default 1), queries in one batch, best of ``--repeats``. FLOPs per query count a
+multiply-add as 2 (router + scan; PQ: LUT + one add per subspace per code + refine);
+hnswlib's are not counted. Router training labels are exact (``amips.labels``).
 
 Writes bench/out/bench_ivf_<data>.csv (long format) and .png (match@1 vs probes, vs FLOPs,
-vs QPS), prints a table last. ``--quick``: 2,000 test queries, 2-minute training.
+vs QPS), prints tables last. ``--quick``: 2,000 test queries, 2,000 training steps.
 """
 
 from __future__ import annotations
@@ -69,45 +73,38 @@ def match_at_budget(rows, flops):
     return pts[-1][1] if flops >= pts[-1][0] else None
 
 
-def train_labels(index, q_train, out, block=1024):
-    """fp32 top-1 and per-list top-1 of the train queries from the grouped keys.
-
-    Regression targets only (not the certified labels of ``amips labels``: fp32 products,
-    a matrix multiply per block of queries, per-list maxima over the list slices), so the
-    CPU budget goes to training rather than to certification.
-    """
-    out = Path(out)
-    names = ("top1_index", "top1_score", "partition_index", "partition_score")
-    if all((out / f"{n}.npy").exists() for n in names):
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    q = torch.from_numpy(q_train)
-    keys, ids, offs = index.keys_by_list.float(), index.ids, index.list_offsets.tolist()
-    L = index.n_lists
-    ps = torch.empty(len(q), L)
-    pi = torch.empty(len(q), L, dtype=torch.int64)
-    for a in range(0, len(q), block):
-        s = q[a : a + block] @ keys.T
-        for lst in range(L):
-            v, j = s[:, offs[lst] : offs[lst + 1]].max(1)
-            ps[a : a + block, lst] = v
-            pi[a : a + block, lst] = ids[offs[lst] + j]
-    best = ps.argmax(1)
-    np.save(out / "partition_score.npy", ps.numpy())
-    np.save(out / "partition_index.npy", pi.numpy())
-    np.save(out / "top1_score.npy", ps.gather(1, best[:, None])[:, 0].numpy())
-    np.save(out / "top1_index.npy", pi.gather(1, best[:, None])[:, 0].numpy())
+def frontier(rows):
+    """The (QPS, match@1) Pareto frontier of a family of configurations: every point that no
+    faster point matches or beats, fastest first."""
+    out, best = [], -1.0
+    for r in sorted(rows, key=lambda r: -r["qps"]):
+        if r["match_at_1"] > best:
+            out.append(r)
+            best = r["match_at_1"]
     return out
 
 
-def train_model(kind, keys, q_train, out, partitions, minutes, width, depth, labels_dir, seed=0):
+def train_labels(keys, index, q_train, out):
+    """Exact (fp64-certified) top-1 and per-list top-1 of the train queries, cached in ``out``.
+
+    The labels ``amips labels --partitions`` writes; computed once, shared by every router.
+    """
+    from amips.train import load_or_compute_labels
+
+    load_or_compute_labels(torch.from_numpy(q_train), torch.from_numpy(keys), cache_dir=out,
+                           partition_ids=index.partitions, n_partitions=index.n_lists, progress=False)
+    return Path(out)
+
+
+def train_model(kind, keys, q_train, out, partitions, steps, minutes, width, depth, labels_dir, seed=0):
     from amips.train import TrainConfig, train
 
     out = Path(out)
     if (out / "model.safetensors").exists() and (out / "done").exists():
         return amips.load_model(out), None
-    # noise_fraction = 0: noisy queries would need exact labels on the fly, too slow on 2 CPU cores
-    cfg = TrainConfig(model=kind, width=width, depth=depth, steps=100000, batch_size=1024,
+    # noise_fraction = 0: noisy queries need exact per-list labels on the fly, too slow on 2
+    # CPU cores (and Gaussian noise of 0.1 gave nothing measurable for the router here)
+    cfg = TrainConfig(model=kind, width=width, depth=depth, steps=steps, batch_size=1024,
                       max_minutes=minutes, eval_every=500, checkpoint_every=500, seed=seed,
                       lr=2e-3, warmup=100, noise_fraction=0.0,
                       w_key=0.0 if kind != "keynet" else 1.0)
@@ -127,12 +124,21 @@ def main(argv=None) -> int:
     ap.add_argument("--nprobe", default="1,2,4,8,16,32,64")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--train-minutes", type=float, default=None, help="per model (default 6, quick 2)")
-    ap.add_argument("--models", default="router-mlp,keynet", help="learned routers to train/evaluate "
+    ap.add_argument("--train-steps", type=int, default=None, help="per model, batch 1024 (default 8000, quick 2000)")
+    ap.add_argument("--train-minutes", type=float, default=None,
+                    help="per model, a cap that stops training early (default 12, quick 3)")
+    ap.add_argument("--models", default="router-mlp,supportnet,keynet", help="learned routers to train/evaluate "
                     "(router-mlp, supportnet, keynet)")
     ap.add_argument("--no-anchors", action="store_true")
+    ap.add_argument("--refine", default="20,50,100", help="PQ providers: exact re-scores swept")
+    ap.add_argument("--pq-nprobe", default="4,8,12,16,24,32,48,64,96", help="PQ providers: lists probed")
     ap.add_argument("--max-test", type=int, default=None)
+    ap.add_argument("--from-csv", default=None, help="only re-print the tables of a previous run's CSV")
     args = ap.parse_args(argv)
+    if args.from_csv:
+        rows = rows_from_csv(args.from_csv)
+        summarize(rows, sorted({r["nprobe"] for r in rows if r["provider"] == "amips-exact"}))
+        return 0
 
     import faiss
 
@@ -152,7 +158,8 @@ def main(argv=None) -> int:
     q_train = None if ds.queries_train is None else np.array(ds.queries_train, dtype=np.float32)
     n_lists = args.n_lists or int(round(math.sqrt(keys.shape[0])))
     nprobes = [p for p in (int(x) for x in args.nprobe.split(",")) if p <= n_lists]
-    minutes = args.train_minutes if args.train_minutes is not None else (2.0 if args.quick else 6.0)
+    minutes = args.train_minutes if args.train_minutes is not None else (3.0 if args.quick else 12.0)
+    steps = args.train_steps if args.train_steps is not None else (2000 if args.quick else 8000)
     out_dir = OUT / f"ivf-{name}"
     out_dir.mkdir(parents=True, exist_ok=True)
     dev_name, sha = device_name("cpu"), git_sha()
@@ -182,13 +189,13 @@ def main(argv=None) -> int:
     if q_train is not None and args.models:
         torch.set_num_threads(2)
         t0 = time.time()
-        labels_dir = train_labels(index, q_train, out_dir / f"labels-train-{n_lists}")
-        print(f"train labels (fp32, per list): {time.time() - t0:.1f} s")
+        labels_dir = train_labels(keys, index, q_train, out_dir / f"labels-exact-{n_lists}")
+        print(f"train labels (exact top-1 and per-list top-1): {time.time() - t0:.1f} s")
         for kind in [m for m in args.models.split(",") if m]:
             width, depth = {"router-mlp": (256, 2), "supportnet": (128, 2), "keynet": (256, 2)}[kind]
             run = out_dir / f"run-{kind}-{n_lists}"
             t0 = time.time()
-            model, info = train_model(kind, keys, q_train, run, index_dir / "partitions.npy", minutes, width,
+            model, info = train_model(kind, keys, q_train, run, index_dir / "partitions.npy", steps, minutes, width,
                                       depth, labels_dir)
             train_info[kind] = info
             print(f"{kind}: {sum(p.numel() for p in model.parameters()):,} params, "
@@ -229,18 +236,36 @@ def main(argv=None) -> int:
             scanned = float(sizes[lists].sum(1).double().mean())
             add_row("faiss-ivfflat", "faiss IVFFlat", p, ids, secs, 2 * n_lists * d + 2 * d * scanned)
         print("  evaluated faiss IVFFlat")
-        # faiss IVFPQ fast-scan + refine 100, routed by centroids and by the learned router
+        # PQ + exact re-score: every PQ configuration is swept over nprobe and the number of
+        # re-scored candidates, and compared on its best (QPS, match@1) frontier, so that no
+        # provider is held to one refine setting
+        refines = [int(x) for x in args.refine.split(",") if x]
+        pq_nprobes = [p for p in (int(x) for x in args.pq_nprobe.split(",")) if p <= n_lists]
         fpq = FaissIVF(index, "pqfs", pq_subspaces=d // 2)
         for label, spec in routers.items():
             if label not in ("centroid", "router-mlp-heads", "supportnet-heads"):
                 continue
             rt = index.router(spec)
-            for p in nprobes:
-                secs, (s, ids, info) = best_of(
-                    lambda p=p, rt=rt: fpq.search(q_t, 10, p, rt, refine=100, return_info=True), args.repeats)
-                add_row("faiss-ivfpqfs-refine100", f"faiss PQfs+refine100 / {label}", p, ids, secs,
-                        info["router_flops_per_query"] + info["scan_flops_per_query"])
-        print("  evaluated faiss IVFPQ fast-scan")
+            for refine in refines:
+                for p in pq_nprobes:
+                    secs, (s, ids, info) = best_of(
+                        lambda p=p, rt=rt, refine=refine: fpq.search(q_t, 10, p, rt, refine=refine, return_info=True),
+                        args.repeats)
+                    add_row(f"faiss-ivfpqfs-refine{refine}", f"faiss PQfs+refine{refine} / {label}", p, ids, secs,
+                            info["router_flops_per_query"] + info["scan_flops_per_query"],
+                            {"family": f"amips routing + faiss PQfs / {label}", "refine": refine})
+        print("  evaluated faiss IVFPQ fast-scan, amips routers (search_preassigned)")
+        # faiss alone: the same fast-scan index with its own routing and IndexRefineFlat
+        native = faiss.IndexRefineFlat(fpq.faiss_index, faiss.swig_ptr(np.ascontiguousarray(keys)))
+        for refine in refines:
+            native.k_factor = refine / 10.0
+            for p in pq_nprobes:
+                fpq.faiss_index.nprobe = p
+                secs, (dist, ids) = best_of(lambda: native.search(q_test, 10), args.repeats)
+                flops = 2 * n_lists * d + fpq.flops_per_query(float(sizes.double().mean()) * p, p, refine)
+                add_row(f"faiss-native-refine{refine}", f"faiss IVFPQfs+RefineFlat{refine}", p, ids, secs, flops,
+                        {"family": "faiss IVF-PQ fast-scan + IndexRefineFlat (its own routing)", "refine": refine})
+        print("  evaluated faiss IVFPQ fast-scan + IndexRefineFlat")
         try:
             import scann
 
@@ -249,15 +274,18 @@ def main(argv=None) -> int:
                         .tree(num_leaves=n_lists, num_leaves_to_search=8, training_sample_size=keys.shape[0],
                               spherical=True)
                         .score_ah(2, anisotropic_quantization_threshold=0.2)
-                        .reorder(100).build())
+                        .reorder(max(refines)).build())
             build_s = time.time() - t0
-            for p in nprobes:
-                secs, (ids, dist) = best_of(lambda p=p: searcher.search_batched(
-                    q_test, leaves_to_search=p, pre_reorder_num_neighbors=100), args.repeats)
-                scanned = float(sizes.double().mean()) * p  # approximate: ScaNN's own lists
-                flops = 2 * n_lists * d + 2 * d * 16 + (d / 2) * scanned + 2 * d * 100
-                add_row("scann", "ScaNN AH(2,T=.2)+reorder100", p, np.asarray(ids, dtype=np.int64), secs, flops,
-                        {"build_seconds": build_s})
+            for refine in refines:
+                for p in pq_nprobes:
+                    secs, (ids, dist) = best_of(lambda p=p, refine=refine: searcher.search_batched(
+                        q_test, leaves_to_search=p, pre_reorder_num_neighbors=refine), args.repeats)
+                    scanned = float(sizes.double().mean()) * p  # approximate: ScaNN's own lists
+                    flops = 2 * n_lists * d + 2 * d * 16 + (d / 2) * scanned + 2 * d * refine
+                    add_row(f"scann-reorder{refine}", f"ScaNN AH(2,T=.2)+reorder{refine}", p,
+                            np.asarray(ids, dtype=np.int64), secs, flops,
+                            {"build_seconds": build_s, "family": "ScaNN tree + AH(2, T=.2) + reorder",
+                             "refine": refine})
             print("  evaluated ScaNN")
         except ImportError:
             print("  ScaNN not installed: skipped")
@@ -287,6 +315,7 @@ def main(argv=None) -> int:
             if r.get(metric) is not None:
                 long_rows.append({"bench": "ivf", "provider": r["provider"], "router": r["router"],
                                   "data": name, "n_lists": n_lists, "nprobe": r["nprobe"],
+                                  "refine": r.get("refine", ""), "family": r.get("family", ""),
                                   "n_queries": len(q_test), "threads": args.threads,
                                   "metric": metric, "value": r[metric], "device": dev_name,
                                   "git_sha": sha})
@@ -300,28 +329,75 @@ def main(argv=None) -> int:
         if info:
             print(f"train {kind}: {info.get('train_seconds', 0):.0f} s")
 
+    summarize(rows, nprobes)
+    return 0
+
+
+def rows_from_csv(path):
+    """The wide rows of a previous run, from its long CSV (to re-print the tables)."""
+    import csv
+
+    wide: dict[tuple, dict] = {}
+    with open(path, newline="") as fh:
+        for r in csv.DictReader(fh):
+            key = (r["provider"], r["router"], r["nprobe"])
+            row = wide.setdefault(key, {"provider": r["provider"], "router": r["router"], "nprobe": int(r["nprobe"])})
+            if r.get("family"):
+                row["family"], row["refine"] = r["family"], int(r["refine"])
+            row[r["metric"]] = float(r["value"])
+    return list(wide.values())
+
+
+def qps_at(rows, target):
+    """QPS at match@1 = target of a PQ family: the best of its per-refine curves (each
+    interpolated on log QPS between its measured nprobe points)."""
+    by_refine: dict[int, list[dict]] = {}
+    for r in rows:
+        by_refine.setdefault(r["refine"], []).append(r)
+    vals = [v for rs in by_refine.values() if (v := interp_at(rs, "qps", target)) is not None]
+    return max(vals) if vals else None
+
+
+def summarize(rows, nprobes):
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["router"], []).append(r)
     centroid = groups.get("centroid", [])
     budget = interp_at(centroid, "flops_per_query", 0.90)
+    amips_labels = [g for g, rs in groups.items() if rs[0]["provider"] == "amips-exact"]
     print("\nmatch@1 by nprobe (amips exact scan)")
     print("router".ljust(22) + "".join(f"{p:>7}" for p in nprobes))
-    for label in routers:
+    for label in amips_labels:
         by = {r["nprobe"]: r["match_at_1"] for r in groups[label]}
         print(label.ljust(22) + "".join(f"{by.get(p, float('nan')):7.3f}" for p in nprobes))
     print(f"\ncentroid reaches match@1 .90 at {budget / 1e6 if budget else float('nan'):.2f} MFLOP/query")
     print(f"{'configuration':40} {'match@1 @budget':>15} {'MFLOP@.90':>10} {'MFLOP@.95':>10} {'QPS@.90':>9} {'QPS@.95':>9}")
+
+    def fmt(v, scale=1.0, spec="{:.2f}"):
+        return "-" if v is None or not math.isfinite(v) else spec.format(v / scale)
+
     for label, rs in groups.items():
         at_b = match_at_budget(rs, budget) if budget and all(math.isfinite(r["flops_per_query"]) for r in rs) else None
         f90, f95 = interp_at(rs, "flops_per_query", 0.90), interp_at(rs, "flops_per_query", 0.95)
         q90, q95 = interp_at(rs, "qps", 0.90), interp_at(rs, "qps", 0.95)
-
-        def fmt(v, scale=1.0, spec="{:.2f}"):
-            return "-" if v is None or not math.isfinite(v) else spec.format(v / scale)
         print(f"{label[:40]:40} {fmt(at_b, 1, '{:.3f}'):>15} {fmt(f90, 1e6):>10} {fmt(f95, 1e6):>10} "
               f"{fmt(q90, 1, '{:,.0f}'):>9} {fmt(q95, 1, '{:,.0f}'):>9}")
-    return 0
+    families: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("family"):
+            families.setdefault(r["family"], []).append(r)
+    if not families:
+        return
+    print("\nPQ + exact re-score, best over refine (QPS interpolated on log QPS per refine curve);")
+    print("'fastest measured' = the fastest single configuration with match@1 >= .95:")
+    print(f"{'family':60} {'QPS@.90':>8} {'QPS@.95':>8} {'QPS@.97':>8}  fastest measured >= .95")
+    for fam, rs in families.items():
+        cells = [qps_at(rs, t) for t in (0.90, 0.95, 0.97)]
+        ok = [r for r in rs if r["match_at_1"] >= 0.95]
+        fast = max(ok, key=lambda r: r["qps"]) if ok else None
+        meas = (f"{fast['qps']:,.0f} QPS (nprobe {fast['nprobe']}, refine {fast['refine']}, "
+                f"match@1 {fast['match_at_1']:.4f})") if fast else "-"
+        print(f"{fam[:60]:60} " + " ".join(f"{fmt(v, 1, '{:,.0f}'):>8}" for v in cells) + f"  {meas}")
 
 
 def _plot(rows, path, title):
@@ -334,14 +410,23 @@ def _plot(rows, path, title):
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["router"], []).append(r)
+    families: dict[str, list[dict]] = {}
     for label, rs in groups.items():
+        if rs[0].get("family"):
+            families.setdefault(rs[0]["family"], []).extend(rs)
+            if rs[0].get("refine") != 100:  # probe/FLOP panels: the refine-100 sweep of each family
+                continue
         rs = sorted(rs, key=lambda r: r["nprobe"])
         m = [r["match_at_1"] for r in rs]
         style = "o-" if rs[0]["provider"] == "amips-exact" else "s--"
         if rs[0]["provider"] != "hnswlib":
             axes[0].plot([r["nprobe"] for r in rs], m, style, label=label)
             axes[1].plot([r["flops_per_query"] / 1e6 for r in rs], m, style, label=label)
-        axes[2].plot([r["qps"] for r in rs], m, style, label=label)
+        if not rs[0].get("family"):
+            axes[2].plot([r["qps"] for r in rs], m, style, label=label)
+    for fam, rs in families.items():  # QPS panel: each PQ family's best frontier over refine
+        fr = frontier(rs)
+        axes[2].plot([r["qps"] for r in fr], [r["match_at_1"] for r in fr], "s--", label=fam + " (frontier)")
     axes[0].set_xscale("log", base=2)
     axes[0].set_xlabel("lists probed (nprobe)")
     axes[1].set_xscale("log")
@@ -352,7 +437,8 @@ def _plot(rows, path, title):
         ax.set_ylabel("match@1 (tie-aware)")
         ax.grid(True, alpha=0.3)
         ax.set_ylim(top=1.0)
-    axes[2].legend(fontsize=7, loc="lower left")
+    axes[1].legend(fontsize=6, loc="lower right")
+    axes[2].legend(fontsize=6, loc="lower left")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -11,6 +11,7 @@ import amips
 from amips import InputError, IVFIndex
 from amips.index import CentroidRouter, FixedRouter, KeyNetRouter, SupportRouter, kmeans
 from amips.index.faiss_backend import FaissIVF
+from amips.index.routers import top_lists
 from amips.metrics import GroundTruth, match_at_1, recall_at_k, rescore
 
 
@@ -94,6 +95,20 @@ def _keynet(index):
     with torch.no_grad():
         m.out.weight.normal_(0, 0.05)  # move the key away from q
     return m
+
+
+def test_top_lists_is_the_stable_order_under_ties():
+    """top_lists (topk + a stable re-sort of boundary-tied rows) equals a full stable sort."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(120):
+        nq, n_lists = int(torch.randint(1, 30, (1,), generator=g)), int(torch.randint(1, 40, (1,), generator=g))
+        nprobe = int(torch.randint(1, n_lists + 1, (1,), generator=g))
+        scores = torch.randint(0, 4, (nq, n_lists), generator=g).float()  # many ties
+        if trial % 3 == 0:
+            scores[0, 0] = float("nan")  # ranks last
+        ref = torch.argsort(torch.nan_to_num(scores, nan=float("-inf")), dim=1, descending=True,
+                            stable=True)[:, :nprobe]
+        assert torch.equal(top_lists(scores, nprobe), ref)
 
 
 def test_routers_return_valid_ordered_lists(index, data):

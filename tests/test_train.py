@@ -81,6 +81,68 @@ def test_multihead_with_noise_and_partitions(tmp_path, data):
     torch.testing.assert_close(c, torch.from_numpy(cents))
 
 
+@pytest.mark.parametrize("kind", ["router-mlp", "supportnet"])
+def test_multihead_routers_start_at_centroid_routing(tmp_path, data, kind, monkeypatch):
+    """With centroid_init (the default) a multi-head router's first step is centroid routing."""
+    ds, part = data
+    np.save(tmp_path / "partitions.npy", part)
+    cents = np.random.default_rng(1).standard_normal((6, 16)).astype(np.float32)
+    np.save(tmp_path / "centroids.npy", cents)
+    seen = {}
+    real_loss = T._loss
+
+    def spy(model, q, *args):
+        if "f" not in seen:
+            with torch.no_grad():
+                seen["f"] = model(q).float().clone()
+                seen["q"] = q.detach().clone()
+        return real_loss(model, q, *args)
+
+    monkeypatch.setattr(T, "_loss", spy)
+    train(ds.keys, ds.queries_train, tmp_path / "run", _cfg(model=kind, steps=2, w_key=0.0),
+          partitions=tmp_path / "partitions.npy", progress=False)
+    f, q = seen["f"], seen["q"]
+    # each head = <q, centroid> + a per-head offset (router-mlp: exactly; the convex
+    # SupportNet adds its positive hidden-to-output part, so compare the ranking signal)
+    lin = q @ torch.from_numpy(cents).T
+    if kind == "router-mlp":
+        torch.testing.assert_close(f - lin, (f - lin)[:1].expand_as(f), atol=1e-4, rtol=1e-4)
+    else:
+        assert torch.corrcoef(torch.stack([(f - f.mean(0)).flatten(), (lin - lin.mean(0)).flatten()]))[0, 1] > 0.9
+    model = load_model(tmp_path / "run")
+    if kind == "router-mlp":
+        assert model.config["linear_heads"] is True
+        assert model.flops_per_query(with_key=False) >= 2 * 6 * 16
+
+
+def test_centroid_init_can_be_turned_off(tmp_path, data):
+    ds, part = data
+    train(ds.keys, ds.queries_train, tmp_path / "run", _cfg(model="router-mlp", steps=2, w_key=0.0,
+          centroid_init=False), partitions=part, progress=False)
+    model = load_model(tmp_path / "run")
+    assert model.lin is None and not model.config.get("linear_heads", False)
+
+
+def test_focus_weights():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(5, 9, generator=g, dtype=torch.float64) * 0.1
+    s[0, 3] = 5.0  # one list far ahead
+    valid = torch.ones_like(s, dtype=torch.bool)
+    valid[1, :2] = False  # empty lists
+    s[1, :2] = float("-inf")
+    w = T.focus_weights(s, valid, 0.65)
+    assert torch.isfinite(w).all() and (w[valid] >= 1 / 3 - 1e-12).all()
+    for r in range(5):
+        assert w[r][valid[r]].mean() == pytest.approx(1.0)
+        assert int(w[r].argmax()) == int(torch.where(valid[r], s[r], -torch.inf).argmax())
+    assert w[0, 3] > 0.9 * (1 + 2 * 9) / 3  # nearly all the weight on the far-ahead list
+    # the temperature follows the spread of the support values: scale-free
+    torch.testing.assert_close(T.focus_weights(s * 7.0, valid, 0.65), w)
+    # focus = 0 in the config means plain MSE (no weights at all)
+    with pytest.raises(InputError, match="focus"):
+        TrainConfig(focus=-1.0).validate()
+
+
 def test_split_is_by_original_query(tmp_path, data, monkeypatch):
     tr, va = split_queries(1000, 0.1, seed=3)
     assert len(va) == 100 and not set(tr) & set(va) and len(set(tr) | set(va)) == 1000

@@ -39,6 +39,8 @@ def register(subparsers) -> None:
                       help="SupportNet: bias-free leaky-ReLU ICNN, exactly 1-homogeneous and convex")
     size.add_argument("--inject-every", type=int, default=1, help="SupportNet: re-inject q every k-th layer")
     size.add_argument("--no-residual", action="store_true", help="KeyNet/router-mlp: plain MLP")
+    size.add_argument("--no-centroid-init", action="store_true",
+                      help="multi-head routers: do not start each head's linear term at its list's centroid")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--lr", type=float, default=1e-3)
     opt.add_argument("--weight-decay", type=float, default=0.0)
@@ -51,6 +53,9 @@ def register(subparsers) -> None:
     opt.add_argument("--noise", type=float, default=0.05,
                      help="augmentation: Gaussian noise std relative to ||q||/sqrt(d) (0: off)")
     opt.add_argument("--noise-fraction", type=float, default=0.5, help="share of each batch made noisy")
+    opt.add_argument("--focus", type=float, default=1.5,
+                     help="multi-head routers: weight each head's squared error towards the lists whose "
+                          "support value is within ~FOCUS standard deviations of the best (0: plain MSE)")
     opt.add_argument("--val-fraction", type=float, default=0.04)
     opt.add_argument("--eval-every", type=int, default=200)
     opt.add_argument("--checkpoint-every", type=int, default=200)
@@ -79,7 +84,8 @@ def run(args) -> int:
         w_score=args.w_score, w_key=args.w_key, noise=args.noise, noise_fraction=args.noise_fraction,
         val_fraction=args.val_fraction, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, seed=args.seed, bf16=not args.no_bf16,
-        max_minutes=args.max_minutes,
+        max_minutes=args.max_minutes, centroid_init=not args.no_centroid_init,
+        focus=args.focus,
     )
     metrics = train(
         args.keys, args.queries, args.out, cfg, labels_dir=args.labels, partitions=args.partitions,

@@ -31,7 +31,7 @@ import torch
 
 from .._validate import InputError, check_matrix, check_positive_int, to_tensor
 
-_MODEL_BATCH = 8192
+_MODEL_BATCH = 1024  # CPU: cache-sized blocks beat one big GEMM chain
 
 
 @dataclass
@@ -41,18 +41,30 @@ class Route:
 
 
 def top_lists(scores: torch.Tensor, nprobe: int) -> torch.Tensor:
-    """Best ``nprobe`` columns of ``scores`` [nq, L] per row, best first, ties by lower id."""
+    """Best ``nprobe`` columns of ``scores`` [nq, L] per row, best first, ties by lower id.
+
+    ``torch.topk`` picks the candidates (a full stable sort of every row costs more than a
+    small router's forward on CPU); rows where the nprobe-th score is tied with a column
+    left out are redone with a stable sort, so the result is exactly the stable order.
+    """
     n_lists = scores.shape[1]
     nprobe = check_positive_int(nprobe, "nprobe", maximum=n_lists)
     scores = torch.nan_to_num(scores.float(), nan=float("-inf"))
-    if nprobe == n_lists or n_lists <= 2048:
+    if nprobe == n_lists or scores.shape[0] == 0:
         return torch.argsort(scores, dim=1, descending=True, stable=True)[:, :nprobe].contiguous()
     vals, idx = torch.topk(scores, nprobe, dim=1)
-    # order the selection by (score desc, id asc); boundary ties are rare and harmless here
+    # a boundary tie: more columns equal to the last kept score than slots left for them
+    kth = vals[:, -1:]
+    n_ge = (scores >= kth).sum(1)
+    bad = torch.nonzero(n_ge > nprobe)[:, 0]
+    # order the selection by (score desc, id asc)
     o1 = torch.argsort(idx, dim=1, stable=True)
     vals, idx = vals.gather(1, o1), idx.gather(1, o1)
     o2 = torch.argsort(vals, dim=1, descending=True, stable=True)
-    return idx.gather(1, o2).contiguous()
+    idx = idx.gather(1, o2)
+    if bad.numel():
+        idx[bad] = torch.argsort(scores[bad], dim=1, descending=True, stable=True)[:, :nprobe]
+    return idx.contiguous()
 
 
 def _as_queries(queries, d: int | None) -> torch.Tensor:
