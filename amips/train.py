@@ -516,6 +516,13 @@ def train(
         raise InputError(f"out: {root} already holds a run; pass --resume to continue it or choose a new folder")
     root.mkdir(parents=True, exist_ok=True)
 
+    if resume and cfg_path.exists():
+        # a run started before an option existed resumes with the behaviour it started with
+        legacy = {"centroid_init": False, "focus": 0.0}
+        old_train = json.loads(cfg_path.read_text()).get("train", {})
+        missing = {k: v for k, v in legacy.items() if k not in old_train}
+        if missing:
+            cfg = dataclasses.replace(cfg, **missing)
     model_cfg = _model_config(cfg, d, n_keys, n_heads, q_t)
     run_cfg = {
         "model": model_cfg,

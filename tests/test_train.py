@@ -123,6 +123,25 @@ def test_centroid_init_can_be_turned_off(tmp_path, data):
     assert model.lin is None and not model.config.get("linear_heads", False)
 
 
+def test_run_from_before_the_router_options_resumes(tmp_path, data):
+    """A run folder written before centroid_init/focus existed resumes as it started."""
+    ds, part = data
+    run = tmp_path / "run"
+    train(ds.keys, ds.queries_train, run, _cfg(model="router-mlp", steps=4, w_key=0.0, centroid_init=False,
+          focus=0.0), partitions=part, progress=False)
+    cfg = json.loads((run / "config.json").read_text())
+    for key in ("centroid_init", "focus"):
+        del cfg["train"][key]
+    cfg["model"].pop("linear_heads", None)
+    (run / "config.json").write_text(json.dumps(cfg))
+    # resuming with today's defaults is accepted and keeps the run's own behaviour
+    train(ds.keys, ds.queries_train, run, _cfg(model="router-mlp", steps=4, w_key=0.0), partitions=part,
+          progress=False, resume=True)
+    assert load_model(run).lin is None
+    again = json.loads((run / "config.json").read_text())["train"]
+    assert again["centroid_init"] is False and again["focus"] == 0.0
+
+
 def test_focus_weights():
     g = torch.Generator().manual_seed(0)
     s = torch.randn(5, 9, generator=g, dtype=torch.float64) * 0.1
