@@ -18,6 +18,10 @@ PQ configurations are swept over nprobe and R (``--refine``) and compared on the
 multiply-add as 2 (router + scan; PQ: LUT + one add per subspace per code + refine);
 hnswlib's are not counted. Router training labels are exact (``amips.labels``).
 
+``--device cuda`` runs the index, labels, router training and search on the GPU (amips rows
+only); ``--synthetic N`` replaces the dataset by N seeded synthetic keys (the 1M-key GPU
+target: ``--synthetic 1000000 --device cuda``).
+
 Writes bench/out/bench_ivf_<data>.csv (long format) and .png (match@1 vs probes, vs FLOPs,
 vs QPS), prints tables last. ``--quick``: 2,000 test queries, 2,000 training steps.
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -91,12 +96,15 @@ def train_labels(keys, index, q_train, out):
     """
     from amips.train import load_or_compute_labels
 
-    load_or_compute_labels(torch.from_numpy(q_train), torch.from_numpy(keys), cache_dir=out,
-                           partition_ids=index.partitions, n_partitions=index.n_lists, progress=False)
+    keys = torch.as_tensor(keys)
+    load_or_compute_labels(torch.from_numpy(q_train).to(keys.device), keys, cache_dir=out,
+                           partition_ids=index.partitions.to(keys.device), n_partitions=index.n_lists,
+                           progress=False)
     return Path(out)
 
 
-def train_model(kind, keys, q_train, out, partitions, steps, minutes, width, depth, labels_dir, seed=0):
+def train_model(kind, keys, q_train, out, partitions, steps, minutes, width, depth, labels_dir, seed=0,
+                device="cpu"):
     from amips.train import TrainConfig, train
 
     out = Path(out)
@@ -110,7 +118,7 @@ def train_model(kind, keys, q_train, out, partitions, steps, minutes, width, dep
                       w_key=0.0 if kind != "keynet" else 1.0)
     t0 = time.time()
     metrics = train(keys, q_train, out, cfg, partitions=partitions if kind != "keynet" else None,
-                    labels_dir=labels_dir, device="cpu", resume=(out / "config.json").exists(),
+                    labels_dir=labels_dir, device=str(device), resume=(out / "config.json").exists(),
                     progress=False)
     (out / "done").write_text("ok\n")
     return amips.load_model(out), {"train_seconds": time.time() - t0, **(metrics or {})}
@@ -133,6 +141,11 @@ def main(argv=None) -> int:
     ap.add_argument("--refine", default="20,50,100", help="PQ providers: exact re-scores swept")
     ap.add_argument("--pq-nprobe", default="4,8,12,16,24,32,48,64,96", help="PQ providers: lists probed")
     ap.add_argument("--max-test", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where the index, routers and training run "
+                    "(on cuda only amips rows: the anchors are CPU libraries)")
+    ap.add_argument("--synthetic", type=int, default=None, metavar="N_KEYS",
+                    help="instead of --data: a seeded synthetic set of N_KEYS unit-norm keys x 384 with "
+                         "110,000 shifted queries (100,000 train / 10,000 test), e.g. 1000000 for the GPU target")
     ap.add_argument("--from-csv", default=None, help="only re-print the tables of a previous run's CSV")
     args = ap.parse_args(argv)
     if args.from_csv:
@@ -140,16 +153,34 @@ def main(argv=None) -> int:
         summarize(rows, sorted({r["nprobe"] for r in rows if r["provider"] == "amips-exact"}))
         return 0
 
-    import faiss
-
-    torch.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
-    data_dir = Path(args.data)
-    if not data_dir.is_dir():
-        print(f"no dataset at {data_dir}; skipping")
+    try:
+        import faiss
+    except ImportError:  # the GPU image has no faiss: amips rows only
+        faiss = None
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here; skipping")
         return 0
-    ds = amips.load_dataset(data_dir)
-    name = data_dir.name
+    anchors = not args.no_anchors and device.type == "cpu" and faiss is not None
+    build_threads = os.cpu_count() or 1
+
+    def set_threads(n):
+        torch.set_num_threads(n)
+        if faiss is not None:
+            faiss.omp_set_num_threads(n)
+
+    set_threads(args.threads)
+    if args.synthetic:
+        ds = amips.data.synthetic(args.synthetic, 110_000, 384, n_clusters=max(64, args.synthetic // 2000),
+                                  test_fraction=10_000 / 110_000, seed=0)
+        name = f"synthetic{args.synthetic}"
+    else:
+        data_dir = Path(args.data)
+        if not data_dir.is_dir():
+            print(f"no dataset at {data_dir}; skipping")
+            return 0
+        ds = amips.load_dataset(data_dir)
+        name = data_dir.name
     keys = np.array(ds.keys, dtype=np.float32)
     q_test = np.array(ds.queries_test, dtype=np.float32)
     max_test = args.max_test or (2000 if args.quick else None)
@@ -162,41 +193,40 @@ def main(argv=None) -> int:
     steps = args.train_steps if args.train_steps is not None else (2000 if args.quick else 8000)
     out_dir = OUT / f"ivf-{name}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    dev_name, sha = device_name("cpu"), git_sha()
+    dev_name, sha = device_name(device.type), git_sha()
     print(f"{name}: {keys.shape[0]:,} keys x {keys.shape[1]}, {len(q_test):,} test queries, "
           f"{n_lists} lists, {args.threads} thread(s); {dev_name}; torch threads {torch.get_num_threads()}")
 
     t0 = time.time()
-    gt = GroundTruth.compute(q_test, keys, k=10)
+    keys_dev = torch.from_numpy(keys).to(device)
+    gt = GroundTruth.compute(torch.from_numpy(q_test).to(device), keys_dev, k=10)
     print(f"ground truth (exact top-10): {time.time() - t0:.1f} s")
 
     index_dir = out_dir / f"index-{n_lists}"
     if (index_dir / "index.json").exists():
-        index = IVFIndex.load(index_dir)
+        index = IVFIndex.load(index_dir, device=device)
     else:
-        torch.set_num_threads(2)
-        faiss.omp_set_num_threads(2)
+        set_threads(build_threads)
         t0 = time.time()
-        index = IVFIndex.build(keys, n_lists, metric="ip", seed=0)
+        index = IVFIndex.build(keys_dev, n_lists, metric="ip", seed=0)
         print(f"index build: {time.time() - t0:.1f} s -> {index}")
         index.save(index_dir)
-        torch.set_num_threads(args.threads)
-        faiss.omp_set_num_threads(args.threads)
+        set_threads(args.threads)
     print(index)
 
     routers: dict[str, object] = {"centroid": "centroid"}
     train_info = {}
     if q_train is not None and args.models:
-        torch.set_num_threads(2)
+        set_threads(build_threads)
         t0 = time.time()
-        labels_dir = train_labels(keys, index, q_train, out_dir / f"labels-exact-{n_lists}")
+        labels_dir = train_labels(keys_dev, index, q_train, out_dir / f"labels-exact-{n_lists}")
         print(f"train labels (exact top-1 and per-list top-1): {time.time() - t0:.1f} s")
         for kind in [m for m in args.models.split(",") if m]:
             width, depth = {"router-mlp": (256, 2), "supportnet": (128, 2), "keynet": (256, 2)}[kind]
             run = out_dir / f"run-{kind}-{n_lists}"
             t0 = time.time()
             model, info = train_model(kind, keys, q_train, run, index_dir / "partitions.npy", steps, minutes, width,
-                                      depth, labels_dir)
+                                      depth, labels_dir, device=device)
             train_info[kind] = info
             print(f"{kind}: {sum(p.numel() for p in model.parameters()):,} params, "
                   f"{'trained' if info else 'loaded'} in {time.time() - t0:.0f} s")
@@ -205,7 +235,7 @@ def main(argv=None) -> int:
                 routers["keynet-route-only"] = "keynet-route:" + str(run)
             else:
                 routers[f"{kind}-heads"] = ("router:" if kind == "router-mlp" else "supportnet:") + str(run)
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
 
     rows: list[dict] = []   # wide rows for tables and plots
     for label, spec in routers.items():
@@ -224,7 +254,7 @@ def main(argv=None) -> int:
         rows.append({"provider": provider, "router": label, "nprobe": param, **quality,
                      "flops_per_query": flops, "qps": len(q_test) / secs, **(extra or {})})
 
-    if not args.no_anchors:
+    if anchors:
         d = index.d
         sizes = index.list_sizes
         # faiss IVFFlat on our lists, faiss' own routing (IndexFlatIP over our centroids)

@@ -77,6 +77,22 @@ def test_kmeans_torch_and_faiss_partition_all_keys(data):
         assert torch.equal(best, a)
 
 
+def test_kmeans_auto_without_faiss_uses_torch(data, monkeypatch):
+    """The GPU image has no faiss: 'auto' must fall back to torch on CPU too."""
+    import importlib
+
+    km = importlib.import_module("amips.index.kmeans")  # the module (the package exports the function)
+    keys, _ = data
+    monkeypatch.setattr(km, "_has_faiss", lambda: False)
+
+    def no_faiss(*args, **kwargs):
+        raise AssertionError("faiss k-means called without faiss")
+
+    monkeypatch.setattr(km, "_kmeans_faiss", no_faiss)
+    c, a = km.kmeans(keys, 12, iters=4, seed=0)
+    assert c.shape == (12, keys.shape[1]) and torch.equal((torch.from_numpy(keys) @ c.T).argmax(1), a)
+
+
 def _router_mlp(index, sha=None, n_heads=None):
     from amips.models import RouterMLP
 

@@ -276,7 +276,7 @@ class IVFIndex:
             if kind == "centroid":
                 built: Router = CentroidRouter(self.centroids)
             else:
-                built = self._router_from_model(load_router_model(path), kind)
+                built = self._router_from_model(load_router_model(path, self.device), kind)
             self._router_cache[router] = built
             return built
         if isinstance(router, torch.nn.Module) or hasattr(router, "score"):

@@ -6,7 +6,7 @@ that works for unit-norm embeddings; ScaNN's ``spherical=True``). Euclidean k-me
 ("l2") assigns to the nearest centroid and keeps the plain means. Both run blocked over
 the keys (no n x L matrix held at once), on the keys' device, fp32 accumulation.
 On CPU, ``backend="faiss"`` uses ``faiss.Kmeans`` (faster there); ``"auto"`` picks faiss
-on CPU and torch on CUDA.
+on CPU (torch where faiss is not installed) and torch on CUDA.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def kmeans(
         raise InputError(f"backend: expected 'auto', 'torch' or 'faiss', got {backend!r}")
     dev = torch.device(device) if device is not None else x.device
     if backend == "auto":
-        backend = "faiss" if dev.type == "cpu" else "torch"
+        backend = "faiss" if dev.type == "cpu" and _has_faiss() else "torch"
     gen = torch.Generator().manual_seed(int(seed))
     n = x.shape[0]
     if sample is not None and n > sample * n_lists:
@@ -100,6 +100,14 @@ def kmeans(
     centroids = centroids.to(dev)
     full = x if x.device == dev else x.to(dev)
     return centroids, assign(full, centroids, metric)
+
+
+def _has_faiss() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _kmeans_faiss(train, n_lists, metric, iters, seed, verbose):

@@ -274,10 +274,11 @@ def parse_router_spec(spec: str) -> tuple[str, str | None]:
     return kind, path
 
 
-def load_router_model(path: str):
-    """``amips.load_model`` (the SupportNet/KeyNet module), with a clear error when absent."""
+def load_router_model(path: str, device: str | torch.device = "cpu"):
+    """``amips.load_model`` (the SupportNet/KeyNet module) on ``device`` (the index's, so the
+    router runs where the scan does), with a clear error when absent."""
     try:
         from ..models import load_model
     except ImportError as exc:  # pragma: no cover - depends on the build
         raise InputError(f"router: learned routers need amips.models ({exc})") from exc
-    return load_model(path)
+    return load_model(path, device=device)
