@@ -73,6 +73,13 @@ class _Base(nn.Module):
     def _squeeze(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, 0] if self.n_heads == 1 else x
 
+    def _centroids_like(self, centroids, target: torch.Tensor) -> torch.Tensor:
+        """``centroids`` as [n_heads, d] on ``target``'s device and dtype, or a named error."""
+        c = torch.as_tensor(centroids)
+        if tuple(c.shape) != tuple(target.shape):
+            raise InputError(f"centroids: expected shape {tuple(target.shape)}, got {tuple(c.shape)}")
+        return c.to(target)
+
 
 class SupportNet(_Base):
     """Input-convex network; ``forward(q) -> [nq, n_heads]`` support values."""
@@ -154,10 +161,7 @@ class SupportNet(_Base):
         function plus <q, a_out[h]>; starting a_out at the centroids (the input is scaled
         by ``input_scale``) makes the router start near centroid routing. Convexity and
         homogeneity are unaffected (a linear term is both)."""
-        c = torch.as_tensor(centroids)
-        if tuple(c.shape) != tuple(self.a_out.shape):
-            raise InputError(f"centroids: expected shape {tuple(self.a_out.shape)}, got {tuple(c.shape)}")
-        self.a_out.copy_(c.to(self.a_out) / self.input_scale)
+        self.a_out.copy_(self._centroids_like(centroids, self.a_out) / self.input_scale)
 
     def optimizer_groups(self, lr: float) -> list[dict]:
         """Parameter groups: the free parameters of the positive weights learn faster.
@@ -321,10 +325,7 @@ class RouterMLP(_Base):
         """Start as centroid routing: lin = the lists' centroids, the MLP's output weights 0."""
         if self.lin is None:
             raise InputError("init_from_centroids: the router was built without linear_heads")
-        c = torch.as_tensor(centroids)
-        if tuple(c.shape) != tuple(self.lin.shape):
-            raise InputError(f"centroids: expected shape {tuple(self.lin.shape)}, got {tuple(c.shape)}")
-        self.lin.copy_(c.to(self.lin))
+        self.lin.copy_(self._centroids_like(centroids, self.lin))
         self.out.weight.zero_()
 
     def score(self, q) -> torch.Tensor:

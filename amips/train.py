@@ -516,11 +516,11 @@ def train(
         raise InputError(f"out: {root} already holds a run; pass --resume to continue it or choose a new folder")
     root.mkdir(parents=True, exist_ok=True)
 
-    if resume and cfg_path.exists():
+    old = json.loads(cfg_path.read_text()) if resume and cfg_path.exists() else None
+    if old is not None:
         # a run started before an option existed resumes with the behaviour it started with
         legacy = {"centroid_init": False, "focus": 0.0}
-        old_train = json.loads(cfg_path.read_text()).get("train", {})
-        missing = {k: v for k, v in legacy.items() if k not in old_train}
+        missing = {k: v for k, v in legacy.items() if k not in old.get("train", {})}
         if missing:
             cfg = dataclasses.replace(cfg, **missing)
     model_cfg = _model_config(cfg, d, n_keys, n_heads, q_t)
@@ -537,8 +537,7 @@ def train(
         "partitions_path": str(part_path) if part_path else None,
         "keys_fingerprint": hashlib.sha256(keys_t[: min(n_keys, 1024)].numpy().tobytes()).hexdigest(),
     }
-    if resume and cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
+    if old is not None:
         for key in ("model", "n_keys", "d", "n_queries", "n_partitions", "partitions_sha256", "keys_fingerprint"):
             if old.get(key) != run_cfg.get(key):
                 raise InputError(f"resume: {key} differs from the run in {root} ({old.get(key)} vs {run_cfg.get(key)})")
