@@ -48,3 +48,43 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             "AMIPS_BACKEND=triton with CPU tensors needs TRITON_INTERPRET=1 set before import"
         )
     return False
+
+
+# --- CUDA fallback: a kernel that fails to compile or launch never hides -----------------
+
+_FALLBACKS: list[dict] = []
+
+
+def launch_or_fallback(kernel_name: str, launch, fallback):
+    """Run ``launch()``; if the Triton kernel fails to compile or launch, run ``fallback()``.
+
+    Only on real devices: under the interpreter, or with ``AMIPS_BACKEND=triton``, errors
+    propagate (tests must see them). Each fallback emits one ``RuntimeWarning`` naming the
+    kernel and the compiler's error, and is recorded in :func:`fallback_events` so that
+    benchmarks and ``bench/gpu_check.py`` count it as a failure.
+    """
+    import warnings
+
+    strict = interpreter_on() or os.environ.get("AMIPS_BACKEND", "").strip().lower() == "triton"
+    if strict:
+        return launch()
+    try:
+        return launch()
+    except Exception as exc:  # noqa: BLE001 - any compile/launch error; reported below
+        msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        _FALLBACKS.append({"kernel": kernel_name, "error": msg})
+        warnings.warn(
+            f"amips: Triton kernel {kernel_name} failed ({msg}); using the torch path instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return fallback()
+
+
+def fallback_events() -> list[dict]:
+    """Every fallback since the process started (or since :func:`clear_fallback_events`)."""
+    return list(_FALLBACKS)
+
+
+def clear_fallback_events() -> None:
+    _FALLBACKS.clear()
