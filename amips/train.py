@@ -369,17 +369,21 @@ def focus_weights(part_scores: torch.Tensor, valid: torch.Tensor, focus: float) 
     return (1.0 + 2.0 * n * soft) / 3.0
 
 
-def _loss(model, q, cfg: TrainConfig, s_star, k_star, part_scores, best_list):
+def _loss(model, q, cfg: TrainConfig, s_star, k_star, part_scores, best_list, *, forward=None,
+          score_scale: float = 1.0):
+    # forward: the call that runs the model (its DistributedDataParallel wrapper, say);
+    # score_scale: this process's share of a mean over a batch split across processes
+    forward = model if forward is None else forward
     kind = model.kind
     if kind == "keynet":
-        k = model(q)[:, 0]
+        k = forward(q)[:, 0]
         score = (k * q).sum(1)
         loss_s = F.mse_loss(score.float(), s_star)
         loss_k = ((k.float() - k_star) ** 2).sum(1).mean()
-        return cfg.w_score * loss_s + cfg.w_key * loss_k, loss_s, loss_k
+        return cfg.w_score * loss_s * score_scale + cfg.w_key * loss_k, loss_s, loss_k
     need_key = kind == "supportnet" and cfg.w_key > 0
     qq = q.detach().requires_grad_(need_key)
-    f = model(qq).float()
+    f = forward(qq).float()
     if part_scores is not None:
         valid = torch.isfinite(part_scores)
         sq = (f - part_scores.nan_to_num(0.0, posinf=0.0, neginf=0.0)) ** 2
@@ -394,7 +398,7 @@ def _loss(model, q, cfg: TrainConfig, s_star, k_star, part_scores, best_list):
     if need_key:
         (key,) = torch.autograd.grad(head_out.sum(), qq, create_graph=True)
         loss_k = ((key.float() - k_star) ** 2).sum(1).mean()
-    return cfg.w_score * loss_s + cfg.w_key * loss_k, loss_s, loss_k
+    return cfg.w_score * loss_s * score_scale + cfg.w_key * loss_k, loss_s, loss_k
 
 
 def _state_tensors(model, ema, optimizer, gen_cpu, gen_dev) -> dict:
@@ -450,6 +454,303 @@ def _model_config(cfg: TrainConfig, d: int, n_keys: int, n_heads: int, queries: 
     return base
 
 
+# --------------------------------------------------------------------------------------
+# the run, in parts: inputs, run folder, labels, model set-up, step, checkpoint
+# --------------------------------------------------------------------------------------
+@dataclass
+class _Inputs:
+    """Validated inputs of a run, on the CPU (``keys_t`` [n, d], ``q_t`` [m, d])."""
+
+    keys_t: torch.Tensor
+    q_t: torch.Tensor
+    dev: torch.device
+    pid: torch.Tensor | None = None
+    n_parts: int | None = None
+    part_path: Path | None = None
+    part_sha: str | None = None
+    n_heads: int = 1
+
+
+def _check_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise InputError("device: CUDA requested but not available")
+        torch.empty(0, device=dev)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"device: cannot use {device!r} ({exc})") from None
+    return dev
+
+
+def _load_inputs(keys, queries, partitions, cfg: TrainConfig, device) -> _Inputs:
+    from .data import load_array
+
+    dev = _check_device(device)
+    if isinstance(keys, (str, os.PathLike)):
+        keys = load_array(keys, name="keys")
+    if isinstance(queries, (str, os.PathLike)):
+        queries = load_array(queries, name="queries")
+    keys_t = check_matrix(to_tensor(np.asarray(keys, dtype=np.float32) if isinstance(keys, np.ndarray) else keys, "keys"), "keys").float()
+    q_t = check_matrix(
+        to_tensor(np.asarray(queries, dtype=np.float32) if isinstance(queries, np.ndarray) else queries, "queries"),
+        "queries", dim=keys_t.shape[1],
+    ).float()
+    n_keys = keys_t.shape[0]
+    part_path, pid, n_parts, part_sha = None, None, None, None
+    if partitions is not None:
+        if isinstance(partitions, (str, os.PathLike)):
+            part_path = Path(partitions)
+            if not part_path.exists():
+                raise InputError(f"partitions: {part_path} does not exist")
+            part_sha = sha256_file(part_path)
+            partitions = np.load(part_path)
+        else:
+            part_sha = hashlib.sha256(np.ascontiguousarray(np.asarray(partitions)).tobytes()).hexdigest()
+        pid = check_int_vector(partitions, "partitions", length=n_keys)
+        n_parts = int(pid.max()) + 1
+        if n_parts < 2:
+            raise InputError("partitions: need at least 2 lists")
+    n_heads = n_parts if (pid is not None and cfg.model in ("supportnet", "router-mlp")) else 1
+    return _Inputs(keys_t, q_t, dev, pid, n_parts, part_path, part_sha, n_heads)
+
+
+def _prepare_run_folder(out, cfg: TrainConfig, inp: _Inputs, resume: bool) -> tuple[TrainConfig, dict, dict]:
+    """Create or check the run folder: returns (config in force, model config, run config).
+
+    A new run refuses a folder that holds one; ``resume`` refuses a changed model, data or
+    training option (except :attr:`TrainConfig.MUTABLE`). Writes ``config.json``."""
+    n_keys, d = inp.keys_t.shape
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise InputError(f"out: {root} exists and is not a folder")
+    cfg_path = root / "config.json"
+    if cfg_path.exists() and not resume:
+        raise InputError(f"out: {root} already holds a run; pass --resume to continue it or choose a new folder")
+    root.mkdir(parents=True, exist_ok=True)
+
+    old = json.loads(cfg_path.read_text()) if resume and cfg_path.exists() else None
+    if old is not None:
+        # a run started before an option existed resumes with the behaviour it started with
+        legacy = {"centroid_init": False, "focus": 0.0}
+        missing = {k: v for k, v in legacy.items() if k not in old.get("train", {})}
+        if missing:
+            cfg = dataclasses.replace(cfg, **missing)
+    model_cfg = _model_config(cfg, d, n_keys, inp.n_heads, inp.q_t)
+    run_cfg = {
+        "model": model_cfg,
+        "train": cfg.to_dict(),
+        "n_keys": n_keys,
+        "d": d,
+        "n_queries": int(inp.q_t.shape[0]),
+        "n_params": count_params(model_cfg),
+        "param_fraction_of_keys": count_params(model_cfg) / (n_keys * d),
+        "n_partitions": inp.n_parts,
+        "partitions_sha256": inp.part_sha,
+        "partitions_path": str(inp.part_path) if inp.part_path else None,
+        "keys_fingerprint": hashlib.sha256(inp.keys_t[: min(n_keys, 1024)].numpy().tobytes()).hexdigest(),
+    }
+    if old is not None:
+        for key in ("model", "n_keys", "d", "n_queries", "n_partitions", "partitions_sha256", "keys_fingerprint"):
+            if old.get(key) != run_cfg.get(key):
+                raise InputError(f"resume: {key} differs from the run in {root} ({old.get(key)} vs {run_cfg.get(key)})")
+        for key, v in old["train"].items():
+            if key not in TrainConfig.MUTABLE and run_cfg["train"].get(key) != v:
+                raise InputError(f"resume: training option {key} differs from the run in {root} ({v} vs {run_cfg['train'].get(key)})")
+    atomic_write_json(cfg_path, run_cfg)
+    return cfg, model_cfg, run_cfg
+
+
+def _run_labels(root: Path, cfg: TrainConfig, inp: _Inputs, labels_dir, progress: bool):
+    """The run's exact labels and its train/validation split (``split.json``)."""
+    lab = load_or_compute_labels(
+        inp.q_t, inp.keys_t, labels_dir=labels_dir, cache_dir=root / "labels",
+        partition_ids=inp.pid, n_partitions=inp.n_parts, progress=progress,
+    )
+    train_idx, val_idx = split_queries(inp.q_t.shape[0], cfg.val_fraction, cfg.seed)
+    atomic_write_json(root / "split.json", {"seed": cfg.seed, "val_index": val_idx.tolist()})
+    return lab, train_idx, val_idx
+
+
+@dataclass
+class _Model:
+    """Everything a step changes (and a checkpoint holds): weights, EMA, optimiser, RNGs."""
+
+    model: torch.nn.Module
+    ema: dict
+    optimizer: torch.optim.Optimizer
+    gen_cpu: torch.Generator
+    gen_dev: torch.Generator
+    centroids: torch.Tensor | None
+
+
+def _setup_model(cfg: TrainConfig, model_cfg: dict, inp: _Inputs, lab: dict, train_idx) -> _Model:
+    dev = inp.dev
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_cfg).to(dev)
+    centroids = centroids_for(inp.pid, inp.keys_t, inp.n_parts, inp.part_path) if inp.pid is not None else None
+    if inp.n_heads > 1 and cfg.centroid_init:
+        # start at centroid routing; the network learns the correction to it
+        model.init_from_centroids(centroids.to(dev))
+    # start each head's output at its mean label so early steps learn shape, not offset
+    with torch.no_grad():
+        tr = torch.as_tensor(train_idx)
+        if inp.n_heads > 1:
+            ps = lab["partition_score"][tr]
+            mean = torch.where(torch.isfinite(ps), ps, torch.nan).nanmean(0).nan_to_num(0.0)
+        else:
+            mean = lab["top1_score"][tr].float().mean().expand(inp.n_heads)
+        bias = None
+        if model.kind == "supportnet" and model.b_out is not None:
+            bias = model.b_out
+        elif model.kind == "router-mlp":
+            bias = model.out.bias
+        if bias is not None:
+            probe = inp.q_t[tr[: min(len(tr), 2048)]].to(dev)
+            bias.add_(mean.to(dev) - model(probe).float().mean(0))
+    ema = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(model.optimizer_groups(cfg.lr), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen_cpu = torch.Generator().manual_seed(cfg.seed + 1)
+    gen_dev = torch.Generator(device=dev).manual_seed(cfg.seed + 2)
+    return _Model(model, ema, optimizer, gen_cpu, gen_dev, centroids)
+
+
+def _read_checkpoint(root: Path) -> tuple[dict, int] | None:
+    """The tensors and step of ``root/checkpoint.safetensors``; None when there is none."""
+    from safetensors import safe_open
+
+    ckpt_path = root / "checkpoint.safetensors"
+    if not ckpt_path.exists():
+        return None
+    with safe_open(str(ckpt_path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    return tensors, int(meta.get("step", 0))
+
+
+def _resume_metrics(root: Path, start: int | None) -> None:
+    """Drop ``metrics.jsonl`` lines written after the checkpoint we resume from (all of
+    them when the run starts afresh, ``start`` None)."""
+    metrics_path = root / "metrics.jsonl"
+    if start is None:
+        if metrics_path.exists():
+            metrics_path.unlink()
+        return
+    if metrics_path.exists():
+        lines = [ln for ln in metrics_path.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= start]
+        atomic_write_bytes(metrics_path, ("\n".join(kept) + "\n").encode() if kept else b"")
+
+
+def _save_checkpoint(root: Path, run_cfg: dict, step: int, m: _Model) -> None:
+    """Write the checkpoint, then the EMA weights, each atomically."""
+    meta = {"step": str(step), "config": json.dumps(run_cfg)}
+    _atomic_safetensors(root / "checkpoint.safetensors",
+                        _state_tensors(m.model, m.ema, m.optimizer, m.gen_cpu, m.gen_dev), meta)
+    _atomic_safetensors(root / "model.safetensors", {**m.model.state_dict(), **m.ema}, {"step": str(step)})
+
+
+class _Stepper:
+    """One optimisation step on a global batch of ``cfg.batch_size`` training queries.
+
+    The batch (positions, noise mask, noise) is drawn from the run's generators for the
+    WHOLE global batch, so the RNG state after a step does not depend on how many
+    processes share it; this process then trains on its slice ``[lo, hi)`` of the batch.
+    ``forward`` is the model call (the model itself, or its DistributedDataParallel
+    wrapper); ``reduce`` sums small tensors across processes (None: one process).
+    """
+
+    def __init__(self, cfg: TrainConfig, inp: _Inputs, lab: dict, train_idx, m: _Model,
+                 *, forward=None, rank: int = 0, world_size: int = 1, reduce=None):
+        dev = inp.dev
+        self.cfg, self.m, self.dev = cfg, m, dev
+        self.forward = forward if forward is not None else m.model
+        self.world_size, self.reduce = world_size, reduce
+        per = cfg.batch_size // world_size
+        self.lo, self.hi = rank * per, (rank + 1) * per
+        self.d = inp.keys_t.shape[1]
+        self.keys_dev = inp.keys_t.to(dev)
+        self.q_dev = inp.q_t.to(dev)
+        self.pid_dev = inp.pid.to(dev) if inp.pid is not None else None
+        # one labeler for the whole run: the key shard is prepared once, not at every step
+        self.noisy_labeler = _labels.Labeler(
+            self.keys_dev, partition_ids=self.pid_dev,
+            n_partitions=inp.n_parts if self.pid_dev is not None else None,
+        )
+        self.top1_i = lab["top1_index"].to(dev)
+        self.top1_s = lab["top1_score"].float().to(dev)
+        self.part_s = lab["partition_score"].float().to(dev) if inp.pid is not None else None
+        self.train_t = torch.as_tensor(train_idx, device=dev)
+        self.use_amp = cfg.bf16 and dev.type == "cuda"
+
+    def batch(self):
+        """This process's slice of the next global batch: (q, s*, i*, per-list s* or None)."""
+        cfg, dev, m = self.cfg, self.dev, self.m
+        lo, hi = self.lo, self.hi
+        pos = torch.randint(0, self.train_t.shape[0], (cfg.batch_size,), generator=m.gen_cpu).to(dev)
+        idx = self.train_t[pos][lo:hi]
+        q = self.q_dev[idx]
+        s_star, i_star = self.top1_s[idx], self.top1_i[idx]
+        ps = self.part_s[idx] if self.part_s is not None else None
+        if cfg.noise > 0 and cfg.noise_fraction > 0:
+            noisy = torch.rand(cfg.batch_size, generator=m.gen_dev, device=dev) < cfg.noise_fraction
+            eps = torch.randn((cfg.batch_size, self.d), generator=m.gen_dev, device=dev)
+            noisy, eps = noisy[lo:hi], eps[lo:hi]
+            if bool(noisy.any()):
+                qn = q[noisy]
+                norms = qn.norm(dim=1, keepdim=True)
+                qn = qn + cfg.noise * norms * eps[noisy] / math.sqrt(self.d)
+                qn = qn * (norms / qn.norm(dim=1, keepdim=True).clamp_min(1e-12))
+                fresh = self.noisy_labeler(qn)
+                sn, in_ = fresh["top1_score"], fresh["top1_index"]
+                q = q.clone()
+                q[noisy] = qn
+                s_star = s_star.clone()
+                i_star = i_star.clone()
+                s_star[noisy] = sn.float().to(dev)
+                i_star[noisy] = in_.long().to(dev)
+                if ps is not None:
+                    psn = fresh["partition_score"]
+                    ps = ps.clone()
+                    ps[noisy] = psn.float().to(dev)
+        return q, s_star, i_star, ps
+
+    def __call__(self, step: int) -> dict:
+        """Train step ``step`` (0-based); returns its training record (global values)."""
+        cfg, m = self.cfg, self.m
+        for g in m.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(step, cfg.warmup, cfg.steps)
+        q, s_star, i_star, ps = self.batch()
+        k_star = self.keys_dev[i_star]
+        best_list = self.pid_dev[i_star] if self.pid_dev is not None else None
+        score_scale = 1.0
+        if self.reduce is not None and ps is not None:
+            # the per-list loss is a mean over the valid (query, list) pairs of the GLOBAL
+            # batch; the gradient average across processes divides by their number
+            n_local = torch.isfinite(ps).sum().double()
+            n_global = self.reduce(n_local.reshape(1))[0]
+            score_scale = float(n_local * self.world_size / n_global.clamp_min(1))
+        with torch.autocast(device_type=self.dev.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            extra = {} if self.reduce is None else {"forward": self.forward, "score_scale": score_scale}
+            loss, loss_s, loss_k = _loss(m.model, q, cfg, s_star, k_star, ps, best_list, **extra)
+        m.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(m.model.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
+        losses = torch.stack([loss.detach().double(), (loss_s.detach() * score_scale).double(),
+                              loss_k.detach().double()])
+        if self.reduce is not None:
+            losses = self.reduce(losses) / self.world_size
+        if not torch.isfinite(losses[0]):
+            raise RuntimeError(f"train: loss became {float(losses[0])} at step {step}; lower --lr")
+        m.optimizer.step()
+        # the average starts short and lengthens (1+t)/(10+t), so that short runs are not
+        # dominated by their first, untrained steps
+        _ema_update(m.ema, m.model, min(cfg.ema, (1.0 + step) / (10.0 + step)))
+        return {"step": step + 1, "split": "train", "loss": float(losses[0]),
+                "loss_score": float(losses[1]), "loss_key": float(losses[2]), "grad_norm": float(gnorm),
+                "lr": m.optimizer.param_groups[0]["lr"]}
+
+
 def train(
     keys,
     queries,
@@ -467,220 +768,73 @@ def train(
     ``keys`` [n, d] and ``queries`` [m, d]: arrays or paths (``.npy`` and what
     :func:`amips.data.load_array` reads). ``partitions``: path of a ``partitions.npy``
     (list id per key) or an int array; makes SupportNet / router-mlp multi-head.
+
+    Inside an initialised ``torch.distributed`` process group (``torchrun``) the run is
+    data-parallel: see :func:`amips.distributed.train_distributed`.
     """
-    from safetensors import safe_open
+    from . import distributed
 
-    from .data import load_array
-
+    if distributed.is_distributed():
+        return distributed.train_distributed(
+            keys, queries, out, config, labels_dir=labels_dir, partitions=partitions,
+            device=device, resume=resume, progress=progress,
+        )
     cfg = config or TrainConfig()
     cfg.validate()
-    try:
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise InputError("device: CUDA requested but not available")
-        torch.empty(0, device=dev)
-    except (RuntimeError, TypeError) as exc:
-        raise InputError(f"device: cannot use {device!r} ({exc})") from None
-    if isinstance(keys, (str, os.PathLike)):
-        keys = load_array(keys, name="keys")
-    if isinstance(queries, (str, os.PathLike)):
-        queries = load_array(queries, name="queries")
-    keys_t = check_matrix(to_tensor(np.asarray(keys, dtype=np.float32) if isinstance(keys, np.ndarray) else keys, "keys"), "keys").float()
-    q_t = check_matrix(
-        to_tensor(np.asarray(queries, dtype=np.float32) if isinstance(queries, np.ndarray) else queries, "queries"),
-        "queries", dim=keys_t.shape[1],
-    ).float()
-    n_keys, d = keys_t.shape
-    part_path, pid, n_parts, part_sha = None, None, None, None
-    if partitions is not None:
-        if isinstance(partitions, (str, os.PathLike)):
-            part_path = Path(partitions)
-            if not part_path.exists():
-                raise InputError(f"partitions: {part_path} does not exist")
-            part_sha = sha256_file(part_path)
-            partitions = np.load(part_path)
-        else:
-            part_sha = hashlib.sha256(np.ascontiguousarray(np.asarray(partitions)).tobytes()).hexdigest()
-        pid = check_int_vector(partitions, "partitions", length=n_keys)
-        n_parts = int(pid.max()) + 1
-        if n_parts < 2:
-            raise InputError("partitions: need at least 2 lists")
-    n_heads = n_parts if (pid is not None and cfg.model in ("supportnet", "router-mlp")) else 1
-
+    inp = _load_inputs(keys, queries, partitions, cfg, device)
     root = Path(out)
-    if root.exists() and not root.is_dir():
-        raise InputError(f"out: {root} exists and is not a folder")
-    ckpt_path = root / "checkpoint.safetensors"
-    cfg_path = root / "config.json"
-    if cfg_path.exists() and not resume:
-        raise InputError(f"out: {root} already holds a run; pass --resume to continue it or choose a new folder")
-    root.mkdir(parents=True, exist_ok=True)
-
-    old = json.loads(cfg_path.read_text()) if resume and cfg_path.exists() else None
-    if old is not None:
-        # a run started before an option existed resumes with the behaviour it started with
-        legacy = {"centroid_init": False, "focus": 0.0}
-        missing = {k: v for k, v in legacy.items() if k not in old.get("train", {})}
-        if missing:
-            cfg = dataclasses.replace(cfg, **missing)
-    model_cfg = _model_config(cfg, d, n_keys, n_heads, q_t)
-    run_cfg = {
-        "model": model_cfg,
-        "train": cfg.to_dict(),
-        "n_keys": n_keys,
-        "d": d,
-        "n_queries": int(q_t.shape[0]),
-        "n_params": count_params(model_cfg),
-        "param_fraction_of_keys": count_params(model_cfg) / (n_keys * d),
-        "n_partitions": n_parts,
-        "partitions_sha256": part_sha,
-        "partitions_path": str(part_path) if part_path else None,
-        "keys_fingerprint": hashlib.sha256(keys_t[: min(n_keys, 1024)].numpy().tobytes()).hexdigest(),
-    }
-    if old is not None:
-        for key in ("model", "n_keys", "d", "n_queries", "n_partitions", "partitions_sha256", "keys_fingerprint"):
-            if old.get(key) != run_cfg.get(key):
-                raise InputError(f"resume: {key} differs from the run in {root} ({old.get(key)} vs {run_cfg.get(key)})")
-        for key, v in old["train"].items():
-            if key not in TrainConfig.MUTABLE and run_cfg["train"].get(key) != v:
-                raise InputError(f"resume: training option {key} differs from the run in {root} ({v} vs {run_cfg['train'].get(key)})")
-    atomic_write_json(cfg_path, run_cfg)
-
-    lab = load_or_compute_labels(
-        q_t, keys_t, labels_dir=labels_dir, cache_dir=root / "labels",
-        partition_ids=pid, n_partitions=n_parts, progress=progress,
-    )
-    train_idx, val_idx = split_queries(q_t.shape[0], cfg.val_fraction, cfg.seed)
-    atomic_write_json(root / "split.json", {"seed": cfg.seed, "val_index": val_idx.tolist()})
-
-    torch.manual_seed(cfg.seed)
-    model = build_model(model_cfg).to(dev)
-    centroids = centroids_for(pid, keys_t, n_parts, part_path) if pid is not None else None
-    if n_heads > 1 and cfg.centroid_init:
-        # start at centroid routing; the network learns the correction to it
-        model.init_from_centroids(centroids.to(dev))
-    # start each head's output at its mean label so early steps learn shape, not offset
-    with torch.no_grad():
-        tr = torch.as_tensor(train_idx)
-        if n_heads > 1:
-            ps = lab["partition_score"][tr]
-            mean = torch.where(torch.isfinite(ps), ps, torch.nan).nanmean(0).nan_to_num(0.0)
-        else:
-            mean = lab["top1_score"][tr].float().mean().expand(n_heads)
-        bias = None
-        if model.kind == "supportnet" and model.b_out is not None:
-            bias = model.b_out
-        elif model.kind == "router-mlp":
-            bias = model.out.bias
-        if bias is not None:
-            probe = q_t[tr[: min(len(tr), 2048)]].to(dev)
-            bias.add_(mean.to(dev) - model(probe).float().mean(0))
-    ema = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(model.optimizer_groups(cfg.lr), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen_cpu = torch.Generator().manual_seed(cfg.seed + 1)
-    gen_dev = torch.Generator(device=dev).manual_seed(cfg.seed + 2)
-
+    cfg, model_cfg, run_cfg = _prepare_run_folder(root, cfg, inp, resume)
+    lab, train_idx, val_idx = _run_labels(root, cfg, inp, labels_dir, progress)
+    m = _setup_model(cfg, model_cfg, inp, lab, train_idx)
     start = 0
+    ckpt = _read_checkpoint(root) if resume else None
+    if ckpt is not None:
+        _restore(ckpt[0], m.model, m.ema, m.optimizer, m.gen_cpu, m.gen_dev, inp.dev)
+        start = ckpt[1]
+    _resume_metrics(root, start if ckpt is not None else None)
+    stepper = _Stepper(cfg, inp, lab, train_idx, m)
+    return _train_loop(root, cfg, model_cfg, run_cfg, inp, lab, val_idx, m, stepper, start, progress)
+
+
+def _train_loop(root: Path, cfg: TrainConfig, model_cfg: dict, run_cfg: dict, inp: _Inputs, lab: dict,
+                val_idx, m: _Model, stepper, start: int, progress: bool, *, writer: bool = True,
+                agree_stop=None) -> dict:
+    """Steps from ``start`` to ``cfg.steps`` (or ``max_minutes``), with evaluation, metrics
+    and checkpoints; only the ``writer`` process evaluates and writes. ``agree_stop``
+    makes the time limit one decision for all processes."""
+    dev = inp.dev
     metrics_path = root / "metrics.jsonl"
-    if resume and ckpt_path.exists():
-        with safe_open(str(ckpt_path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        _restore(tensors, model, ema, optimizer, gen_cpu, gen_dev, dev)
-        start = int(meta.get("step", 0))
-        if metrics_path.exists():  # drop lines written after the checkpoint we resume from
-            lines = [ln for ln in metrics_path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= start]
-            atomic_write_bytes(metrics_path, ("\n".join(kept) + "\n").encode() if kept else b"")
-    elif metrics_path.exists():
-        metrics_path.unlink()
-
-    keys_dev = keys_t.to(dev)
-    q_dev = q_t.to(dev)
-    pid_dev = pid.to(dev) if pid is not None else None
-    # one labeler for the whole run: the key shard is prepared once, not at every step
-    noisy_labeler = _labels.Labeler(
-        keys_dev, partition_ids=pid_dev, n_partitions=n_parts if pid_dev is not None else None
-    )
-    top1_i = lab["top1_index"].to(dev)
-    top1_s = lab["top1_score"].float().to(dev)
-    part_s = lab["partition_score"].float().to(dev) if pid is not None else None
-    train_t = torch.as_tensor(train_idx, device=dev)
-    use_amp = cfg.bf16 and dev.type == "cuda"
-
-    def ema_model():
-        m = build_model(model_cfg).to(dev)
-        m.load_state_dict({**model.state_dict(), **ema})
-        return m.eval()
 
     def run_eval(step):
-        m = ema_model()
+        ema_model = build_model(model_cfg).to(dev)
+        ema_model.load_state_dict({**m.model.state_dict(), **m.ema})
+        ema_model.eval()
         vi = torch.as_tensor(val_idx)
         res = evaluate(
-            m, q_t[vi], keys_t, lab["top1_index"][vi], lab["top1_score"][vi],
-            partition_ids=pid, centroids=centroids,
-            partition_score=lab["partition_score"][vi] if pid is not None else None,
+            ema_model, inp.q_t[vi], inp.keys_t, lab["top1_index"][vi], lab["top1_score"][vi],
+            partition_ids=inp.pid, centroids=m.centroids,
+            partition_score=lab["partition_score"][vi] if inp.pid is not None else None,
         )
         return {"step": step, "split": "val", **res}
 
-    def save(step):
-        meta = {"step": str(step), "config": json.dumps(run_cfg)}
-        _atomic_safetensors(ckpt_path, _state_tensors(model, ema, optimizer, gen_cpu, gen_dev), meta)
-        _atomic_safetensors(root / "model.safetensors", {**model.state_dict(), **ema}, {"step": str(step)})
-
     t0 = time.time()
     last = {}
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.model}", disable=not progress)
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.model}", disable=not (progress and writer))
     step = start
-    model.train()
-    with open(metrics_path, "a") as mfh:
+    m.model.train()
+    mfh = open(metrics_path, "a") if writer else None
+    try:
         while step < cfg.steps:
-            for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * lr_factor(step, cfg.warmup, cfg.steps)
-            pos = torch.randint(0, train_t.shape[0], (cfg.batch_size,), generator=gen_cpu).to(dev)
-            idx = train_t[pos]
-            q = q_dev[idx]
-            s_star, i_star = top1_s[idx], top1_i[idx]
-            ps = part_s[idx] if part_s is not None else None
-            if cfg.noise > 0 and cfg.noise_fraction > 0:
-                noisy = torch.rand(cfg.batch_size, generator=gen_dev, device=dev) < cfg.noise_fraction
-                eps = torch.randn(q.shape, generator=gen_dev, device=dev)
-                if bool(noisy.any()):
-                    qn = q[noisy]
-                    norms = qn.norm(dim=1, keepdim=True)
-                    qn = qn + cfg.noise * norms * eps[noisy] / math.sqrt(d)
-                    qn = qn * (norms / qn.norm(dim=1, keepdim=True).clamp_min(1e-12))
-                    fresh = noisy_labeler(qn)
-                    sn, in_ = fresh["top1_score"], fresh["top1_index"]
-                    q = q.clone()
-                    q[noisy] = qn
-                    s_star = s_star.clone()
-                    i_star = i_star.clone()
-                    s_star[noisy] = sn.float().to(dev)
-                    i_star[noisy] = in_.long().to(dev)
-                    if ps is not None:
-                        psn = fresh["partition_score"]
-                        ps = ps.clone()
-                        ps[noisy] = psn.float().to(dev)
-            k_star = keys_dev[i_star]
-            best_list = pid_dev[i_star] if pid_dev is not None else None
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss, loss_s, loss_k = _loss(model, q, cfg, s_star, k_star, ps, best_list)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"train: loss became {float(loss)} at step {step}; lower --lr")
-            optimizer.step()
-            # the average starts short and lengthens (1+t)/(10+t), so that short runs are not
-            # dominated by their first, untrained steps
-            _ema_update(ema, model, min(cfg.ema, (1.0 + step) / (10.0 + step)))
+            rec = stepper(step)
             step += 1
-            rec = {"step": step, "split": "train", "loss": float(loss.detach()),
-                   "loss_score": float(loss_s.detach()), "loss_key": float(loss_k.detach()), "grad_norm": float(gnorm), "lr": optimizer.param_groups[0]["lr"],
-                   "elapsed_s": round(time.time() - t0, 2)}
+            rec["elapsed_s"] = round(time.time() - t0, 2)
             out_of_time = cfg.max_minutes is not None and (time.time() - t0) > 60 * cfg.max_minutes
+            if agree_stop is not None and cfg.max_minutes is not None:
+                out_of_time = agree_stop(out_of_time)
+            if not writer:
+                if out_of_time:
+                    break
+                continue
             if step % cfg.eval_every == 0 or step == cfg.steps or out_of_time:
                 last = run_eval(step)
                 mfh.write(json.dumps(last) + "\n")
@@ -690,7 +844,7 @@ def train(
                 mfh.flush()
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
                 mfh.flush()
-                save(step)
+                _save_checkpoint(root, run_cfg, step, m)
             bar.update(1)
             post = {"loss": f"{rec['loss']:.4g}"}
             if last:
@@ -700,12 +854,17 @@ def train(
             bar.set_postfix(post)
             if out_of_time:
                 break
+    finally:
+        if mfh is not None:
+            mfh.close()
     bar.close()
+    if not writer:
+        return {}
     if not last or last.get("step") != step:
         last = run_eval(step)
         with open(metrics_path, "a") as mfh:
             mfh.write(json.dumps(last) + "\n")
-        save(step)
+        _save_checkpoint(root, run_cfg, step, m)
     state = {"step": step, "steps": cfg.steps, "finished": step >= cfg.steps, "elapsed_s": time.time() - t0,
              "val": last}
     atomic_write_json(root / "state.json", state)
