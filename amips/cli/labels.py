@@ -35,22 +35,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import distributed
     from ..labels import run_label_job
 
-    manifest = run_label_job(
-        args.keys,
-        args.queries,
-        args.out,
-        partitions_path=args.partitions,
-        topk=args.topk,
-        device=args.device,
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        precision=args.precision,
-        progress=not args.quiet,
-        overwrite=args.overwrite,
-    )
-    if not args.quiet:
+    # under torchrun: join the process group (gloo on cpu, nccl on cuda) for this command
+    with distributed.session(args.device) as device:
+        manifest = run_label_job(
+            args.keys,
+            args.queries,
+            args.out,
+            partitions_path=args.partitions,
+            topk=args.topk,
+            device=device,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            precision=args.precision,
+            progress=not args.quiet,
+            overwrite=args.overwrite,
+        )
+        is_rank0 = distributed.rank() == 0
+    if not args.quiet and is_rank0:
         cert = manifest["certification"]
         print(
             f"labels: {manifest['n_queries']:,} queries x {manifest['n_keys']:,} keys (d = "

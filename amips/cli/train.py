@@ -87,10 +87,16 @@ def run(args) -> int:
         max_minutes=args.max_minutes, centroid_init=not args.no_centroid_init,
         focus=args.focus,
     )
-    metrics = train(
-        args.keys, args.queries, args.out, cfg, labels_dir=args.labels, partitions=args.partitions,
-        device=device, resume=args.resume, progress=not args.quiet,
-    )
+    from .. import distributed
+
+    # under torchrun: join the process group (gloo on cpu, nccl on cuda) for this command
+    with distributed.session(device) as device:
+        metrics = train(
+            args.keys, args.queries, args.out, cfg, labels_dir=args.labels, partitions=args.partitions,
+            device=device, resume=args.resume, progress=not args.quiet,
+        )
+        if distributed.rank() > 0:
+            return 0
     cfg_json = json.loads((__import__("pathlib").Path(args.out) / "config.json").read_text())
     print(f"model: {cfg_json['model']['kind']} width {cfg_json['model']['width']} depth "
           f"{cfg_json['model']['depth']} heads {cfg_json['model']['n_heads']}: "

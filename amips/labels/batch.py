@@ -114,7 +114,10 @@ class BatchLabeler:
         # with partitions, the exact top-1 is the best of the lists' exact top-1s
         return self.spec.partitions is None or self.spec.topk is not None
 
-    def finish(self, q: torch.Tensor, state: dict[str, Candidates]) -> tuple[dict[str, np.ndarray], dict]:
+    def finish(self, q: torch.Tensor, state: dict[str, Candidates], *,
+               exact_scores: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+        """Certified results of one batch. ``exact_scores``: also the fp64 scores they were
+        ranked by (``*_score64``), which merging results over key slices needs."""
         q64 = q.double()
         stats = {"queries": int(q.shape[0]), "rescreened_queries": 0, "fallback_queries": 0}
         out = {}
@@ -123,11 +126,14 @@ class BatchLabeler:
         if self.spec.partitions is not None:
             ps, pi = self._finish_partitions(q64, state["part"], stats)
             out["partition_score"], out["partition_index"] = ps.float(), pi
+            out["partition_score64"] = ps
             if not self._needs_top_screen:
                 # best list first by exact score, then by lowest key index among equal scores
                 big = torch.iinfo(torch.int64).max
                 s64, i64 = _rank_exact(ps, pi.masked_fill(pi < 0, big), 1)
                 out["top1_score"], out["top1_index"] = s64[:, 0].float(), i64[:, 0]
+        if not exact_scores:
+            out = {name: t for name, t in out.items() if not name.endswith("_score64")}
         return {name: t.cpu().numpy() for name, t in out.items()}, stats
 
     def _finish_top(self, q, q64, cand: Candidates, stats: dict) -> dict[str, torch.Tensor]:
@@ -150,9 +156,9 @@ class BatchLabeler:
             stats["fallback_queries"] = int(bad.numel())
             fs, fi = _exact_fallback_topk(q64[bad], self.keys, k, self.spec.shard_size)
             s[bad], i[bad] = fs, fi
-        out = {"top1_score": s[:, 0].float(), "top1_index": i[:, 0]}
+        out = {"top1_score": s[:, 0].float(), "top1_index": i[:, 0], "top1_score64": s[:, 0]}
         if self.spec.topk is not None:
-            out["topk_score"], out["topk_index"] = s.float(), i
+            out["topk_score"], out["topk_index"], out["topk_score64"] = s.float(), i, s
         return out
 
     def _finish_partitions(self, q64, cand: Candidates, stats: dict):

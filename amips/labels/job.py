@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import distributed as _dist
 from .._io import (
     atomic_save_npy,
     atomic_torch_save,
@@ -65,6 +66,10 @@ def run_label_job(
     (and, with several key shards, the running candidates after every shard). Outputs are
     written atomically only when every batch is done; ``labels.json`` is written last.
     Running the same command again after an interruption finishes the job.
+
+    Under ``torchrun`` (an initialised process group) each rank labels its slice of the
+    keys into its own ``rankRRRRofWWWW`` folder of partial work, and rank 0 merges the
+    slices into the same files one process writes (:mod:`amips.distributed`).
     """
     from tqdm.auto import tqdm
 
@@ -114,46 +119,62 @@ def run_label_job(
         "shard_size": shard_size,
         "precision": precision_used,
     }
+    rank, world = _dist.rank(), _dist.world_size()
+    if world > 1:
+        _dist.agree(_dist.label_agreement(job, *keys_arr.shape[:1], *queries_arr.shape), "labels")
+    key_lo, key_hi = _dist.key_range(keys_arr.shape[0], rank, world)
     manifest_path = out / MANIFEST
     partial = out / PARTIAL_DIR
-    if manifest_path.exists() and not partial.exists():
-        done = json.loads(manifest_path.read_text())
-        if done.get("job") == job and not overwrite:
-            if progress:
-                print(f"labels in {out} are complete and match this job; nothing to do")
-            return done
-        if not overwrite:
-            raise InputError(
-                f"out: {out} already holds labels of a different job; pass --overwrite or use another folder"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite and partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(exist_ok=True)
-    job_file = partial / "job.json"
+
+    def decide():
+        if manifest_path.exists() and not partial.exists():
+            done = json.loads(manifest_path.read_text())
+            if done.get("job") == job and not overwrite:
+                if progress:
+                    print(f"labels in {out} are complete and match this job; nothing to do")
+                return done
+            if not overwrite:
+                raise InputError(
+                    f"out: {out} already holds labels of a different job; pass --overwrite or use another folder"
+                )
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite and partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(exist_ok=True)
+        return None
+
+    done = decide() if world == 1 else _dist.from_rank0(decide, "labels")
+    if done is not None:
+        return done
+    # one process works in the partial folder itself; a rank of several in its own folder
+    work = partial if world == 1 else partial / f"rank{rank:04d}of{world:04d}"
+    if work != partial and overwrite and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    job_file = work / "job.json"
     if job_file.exists():
         previous = json.loads(job_file.read_text())
         if previous != job:
             if not overwrite:
                 raise InputError(
-                    f"out: {partial} holds partial work of a different job (inputs or options "
+                    f"out: {work} holds partial work of a different job (inputs or options "
                     "changed); pass --overwrite to discard it"
                 )
     atomic_write_bytes(job_file, json.dumps(job, indent=2).encode())
 
     nq = queries_arr.shape[0]
-    keys_src = KeySource(keys_arr, "keys")
-    spec = LabelSpec(topk=topk, partitions=part_ids, n_partitions=n_partitions,
-                     precision=precision_used, shard_size=shard_size)
+    keys_src = KeySource(keys_arr[key_lo:key_hi], "keys")
+    spec = LabelSpec(topk=topk, partitions=part_ids[key_lo:key_hi] if part_ids is not None else None,
+                     n_partitions=n_partitions, precision=precision_used, shard_size=shard_size)
     labeler = BatchLabeler(keys_src, spec, dev)
     n_batches = math.ceil(nq / batch_size)
     t0 = time.perf_counter()
     stats_total = {"queries": 0, "rescreened_queries": 0, "fallback_queries": 0}
     if part_ids is not None:
         stats_total["fallback_pairs"] = 0
-    bar = tqdm(total=n_batches * labeler.n_shards, desc="labels", unit="shard", disable=not progress)
+    bar = tqdm(total=n_batches * labeler.n_shards, desc="labels", unit="shard", disable=not progress or rank > 0)
     for b in range(n_batches):
-        part_file = partial / f"batch_{b:06d}.npz"
+        part_file = work / f"batch_{b:06d}.npz"
         if part_file.exists():
             with np.load(part_file) as f:
                 for key in stats_total:
@@ -165,7 +186,7 @@ def run_label_job(
         if not np.isfinite(block).all():
             raise InputError(f"queries: contains NaN or inf values (rows {a}..{z - 1})")
         q = torch.from_numpy(block).to(dev)
-        state_file = partial / f"batch_{b:06d}.state.pt"
+        state_file = work / f"batch_{b:06d}.state.pt"
         state, first = None, 0
         if state_file.exists():
             saved = torch.load(state_file, map_location=dev, weights_only=True)
@@ -179,7 +200,10 @@ def run_label_job(
                 blob["next_shard"] = j + 1
                 atomic_torch_save(state_file, blob)
             bar.update(1)
-        result, stats = labeler.finish(q, state)
+        result, stats = labeler.finish(q, state, exact_scores=world > 1)
+        if key_lo:  # this rank's key slice starts at key_lo: global key indices
+            for name in [n for n in result if n.endswith("_index")]:
+                result[name] = np.where(result[name] >= 0, result[name] + key_lo, result[name])
         for key in stats_total:
             stats_total[key] += stats[key]
         payload = {**result, **{f"stat_{k}": np.int64(v) for k, v in stats.items()}}
@@ -194,7 +218,16 @@ def run_label_job(
         names += ["topk_index", "topk_score"]
     if part_ids is not None:
         names += ["partition_index", "partition_score"]
-    parts = [np.load(partial / f"batch_{b:06d}.npz") for b in range(n_batches)]
+    if world > 1:
+        stats_total = _dist.gather_to_rank0(stats_total)
+        parts = _gather_merged(work, n_batches, topk, part_ids is not None)
+        if rank > 0:
+            _dist.barrier()  # rank 0 writes the files, then releases the others
+            return json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        stats_total = {key: sum(st[key] for st in stats_total) for key in stats_total[0]}
+        stats_total["queries"] = int(nq)
+    else:
+        parts = [np.load(partial / f"batch_{b:06d}.npz") for b in range(n_batches)]
     for name in names:
         arr = np.concatenate([p[name] for p in parts])
         if name.endswith("_index"):
@@ -203,7 +236,8 @@ def run_label_job(
             arr = arr.astype(np.float32)
         atomic_save_npy(out / OUTPUT_FILES[name], arr)
     for p in parts:
-        p.close()
+        if hasattr(p, "close"):
+            p.close()
     elapsed = time.perf_counter() - t0
     manifest = {
         "job": job,
@@ -217,9 +251,23 @@ def run_label_job(
         "certification": stats_total,
         "seconds_last_run": round(elapsed, 3),
     }
+    manifest["world_size"] = world
     atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2).encode())
     shutil.rmtree(partial)
+    _dist.barrier()
     return manifest
+
+
+def _gather_merged(work: Path, n_batches: int, topk: int | None, partitions: bool) -> list[dict]:
+    """Every rank's committed batches, merged on rank 0 batch by batch (empty elsewhere)."""
+    merged = []
+    for b in range(n_batches):
+        with np.load(work / f"batch_{b:06d}.npz") as f:
+            mine = {k: f[k] for k in f.files if not k.startswith("stat_")}
+        parts = _dist.gather_to_rank0(mine)
+        if parts is not None:
+            merged.append(_dist.merge_label_parts(parts, topk, partitions))
+    return merged
 
 
 def _screen_description(device: torch.device, precision: str, topk: int | None, partitions: bool) -> dict:
