@@ -35,6 +35,15 @@ OUTPUTS = ("top1_index", "top1_score", "topk_index", "topk_score", "partition_in
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _torch_backend():
+    # the torch references (the CPU path): under the Triton interpreter the kernels would
+    # make every search take minutes; the kernels have their own tests
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AMIPS_BACKEND", "torch")
+        yield
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -169,8 +178,7 @@ def _close_runs(a: Path, b: Path, tol=1e-4):
 
 
 @pytest.mark.parametrize("kind", ["keynet", "supportnet"])
-def test_ddp_training_equals_single_process(launched, tmp_path, monkeypatch, kind):
-    monkeypatch.setenv("AMIPS_BACKEND", "torch")
+def test_ddp_training_equals_single_process(launched, tmp_path, kind):
     case, out, spec, _ = launched
     train(case / "keys.npy", case / "queries.npy", tmp_path / "one", TrainConfig(**spec["train"][kind]),
           partitions=case / "partitions.npy" if kind != "keynet" else None, progress=False)
@@ -181,8 +189,7 @@ def test_ddp_training_equals_single_process(launched, tmp_path, monkeypatch, kin
     assert torch.equal(ca["rng.cpu"], cb["rng.cpu"]) and torch.equal(ca["rng.device"], cb["rng.device"])
 
 
-def test_resume_on_a_different_world_size(launched, tmp_path, monkeypatch):
-    monkeypatch.setenv("AMIPS_BACKEND", "torch")
+def test_resume_on_a_different_world_size(launched, tmp_path):
     case, _, spec, _ = launched
     train(case / "keys.npy", case / "queries.npy", tmp_path / "whole", TrainConfig(**spec["resume"]),
           progress=False)
@@ -269,7 +276,7 @@ def _start_ranks(case: Path, out: Path, port: int) -> list[subprocess.Popen]:
 def test_rank_killed_mid_job_then_rerun_finishes_identically(tmp_path):
     case = tmp_path / "case"
     case.mkdir()
-    _tie_data(case, n_keys=600, n_queries=3000, d=16, seed=3)
+    _tie_data(case, n_keys=600, n_queries=1600, d=16, seed=3)
     out = tmp_path / "two"
     procs = _start_ranks(case, out, _free_port())
     work1 = out / ".amips_labels_partial" / "rank0001of0002"
@@ -285,7 +292,7 @@ def test_rank_killed_mid_job_then_rerun_finishes_identically(tmp_path):
             p.wait(timeout=60)
     assert not (out / "labels.json").exists(), "the job finished before the kill; make it longer"
     done_before = len(list(work1.glob("batch_*.npz")))
-    assert 0 < done_before < 3000 // 16 + 1
+    assert 0 < done_before < 1600 // 16
     procs = _start_ranks(case, out, _free_port())
     for p in procs:
         _, err = p.communicate(timeout=180)
