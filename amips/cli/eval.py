@@ -43,7 +43,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import distributed
+
+    # under torchrun: every rank holds some of the index's lists (amips.index.sharded)
+    with distributed.session(args.device) as device:
+        args.device = device
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
+
+    from .. import distributed
 
     from ..data import load_array
     from ..eval import evaluate, format_table, parse_nprobes, plot_results
@@ -71,11 +82,17 @@ def run(args: argparse.Namespace) -> int:
     queries = torch.from_numpy(np.array(q_np, dtype=np.float32, order="C"))
     scanner = args.scanner or ("pq" if index.pq is not None else "exact")
     gt = GroundTruth.compute(queries, index.keys().cpu(), k=args.k)
+    if distributed.is_distributed():
+        from ..index.sharded import ShardedIVFIndex
+
+        index = ShardedIVFIndex(index)
     rows = []
     for spec in args.router or ["centroid"]:
         rows += evaluate(index, queries, router=spec, nprobes=nprobes, k=args.k, gt=gt,
                          scanner=scanner, reorder=args.reorder, repeats=args.repeats,
                          qps_single=args.single, label=spec.split(":")[0] if ":" in spec else spec)
+    if distributed.rank() > 0:
+        return 0
     print(format_table(rows))
     if args.json:
         atomic_save_json(Path(args.json), {
