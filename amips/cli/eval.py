@@ -55,7 +55,6 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import distributed
-
     from ..data import load_array
     from ..eval import evaluate, format_table, parse_nprobes, plot_results
     from ..index.ivf import IVFIndex, atomic_save_json

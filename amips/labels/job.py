@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -223,6 +224,9 @@ def run_label_job(
         parts = _gather_merged(work, n_batches, topk, part_ids is not None)
         if rank > 0:
             _dist.barrier()  # rank 0 writes the files, then releases the others
+            shutil.rmtree(work, ignore_errors=True)  # where --out is not shared with rank 0
+            with contextlib.suppress(OSError):  # not empty, or another rank removed it
+                partial.rmdir()
             return json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
         stats_total = {key: sum(st[key] for st in stats_total) for key in stats_total[0]}
         stats_total["queries"] = int(nq)
