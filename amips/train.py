@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import labels as _labels
+from . import provenance as _provenance
+from ._io import fault_point as _fault_point
 from ._io import atomic_save_npy, atomic_write_bytes, atomic_write_json, sha256_file
 from ._validate import InputError, check_int_vector, check_matrix, to_tensor
 from .models import MODEL_KINDS, build_model, count_params, size_width
@@ -506,6 +508,7 @@ def train(
         if n_parts < 2:
             raise InputError("partitions: need at least 2 lists")
     n_heads = n_parts if (pid is not None and cfg.model in ("supportnet", "router-mlp")) else 1
+    inputs = _provenance.run_inputs(keys, queries, pid, labels_dir=labels_dir, partitions_path=part_path)
 
     root = Path(out)
     if root.exists() and not root.is_dir():
@@ -535,6 +538,7 @@ def train(
         "n_partitions": n_parts,
         "partitions_sha256": part_sha,
         "partitions_path": str(part_path) if part_path else None,
+        "inputs": inputs,
         "keys_fingerprint": hashlib.sha256(keys_t[: min(n_keys, 1024)].numpy().tobytes()).hexdigest(),
     }
     if old is not None:
@@ -708,5 +712,6 @@ def train(
         save(step)
     state = {"step": step, "steps": cfg.steps, "finished": step >= cfg.steps, "elapsed_s": time.time() - t0,
              "val": last}
+    _fault_point("train-final")
     atomic_write_json(root / "state.json", state)
     return last

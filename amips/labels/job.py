@@ -19,11 +19,13 @@ from .._io import (
     atomic_write_bytes,
     file_fingerprint,
 )
+from .._io import fault_point as _fault_point
 from .._validate import (
     InputError,
     check_int_vector,
     check_positive_int,
 )
+from ..provenance import fingerprint
 from .batch import BatchLabeler, LabelSpec, _default_batch_size
 from .certify import MAX_TOPK, Candidates, KeySource
 from .screen import resolve_precision
@@ -116,9 +118,11 @@ def run_label_job(
     }
     manifest_path = out / MANIFEST
     partial = out / PARTIAL_DIR
+    if out.exists() and not out.is_dir():
+        raise InputError(f"out: {out} exists and is not a folder; choose a folder for the labels")
     if manifest_path.exists() and not partial.exists():
-        done = json.loads(manifest_path.read_text())
-        if done.get("job") == job and not overwrite:
+        done = _read_manifest(manifest_path)
+        if done.get("job") == job and done.get("complete") and not overwrite:
             if progress:
                 print(f"labels in {out} are complete and match this job; nothing to do")
             return done
@@ -127,8 +131,12 @@ def run_label_job(
                 f"out: {out} already holds labels of a different job; pass --overwrite or use another folder"
             )
     out.mkdir(parents=True, exist_ok=True)
-    if overwrite and partial.exists():
-        shutil.rmtree(partial)
+    if overwrite:
+        # the old labels stop being complete-looking before anything new is written
+        for stale in [MANIFEST, *OUTPUT_FILES.values()]:
+            (out / stale).unlink(missing_ok=True)
+        if partial.exists():
+            shutil.rmtree(partial)
     partial.mkdir(exist_ok=True)
     job_file = partial / "job.json"
     if job_file.exists():
@@ -188,7 +196,10 @@ def run_label_job(
             state_file.unlink()
     bar.close()
 
-    # Assemble outputs from the committed batches, each file written atomically.
+    # Assemble outputs from the committed batches, each file written atomically. A manifest
+    # from an earlier job goes first, so a kill between two output files never leaves a
+    # folder that looks complete.
+    manifest_path.unlink(missing_ok=True)
     names = ["top1_index", "top1_score"]
     if topk is not None:
         names += ["topk_index", "topk_score"]
@@ -202,10 +213,17 @@ def run_label_job(
         else:
             arr = arr.astype(np.float32)
         atomic_save_npy(out / OUTPUT_FILES[name], arr)
+        _fault_point("labels-outputs")
     for p in parts:
         p.close()
     elapsed = time.perf_counter() - t0
     manifest = {
+        "complete": True,
+        "inputs": {
+            "keys": fingerprint(keys_arr),
+            "queries": fingerprint(queries_arr),
+            "partitions": fingerprint(part_ids) if part_ids is not None else None,
+        },
         "job": job,
         "outputs": {name: OUTPUT_FILES[name] for name in names},
         "n_queries": int(nq),
@@ -220,6 +238,13 @@ def run_label_job(
     atomic_write_bytes(manifest_path, json.dumps(manifest, indent=2).encode())
     shutil.rmtree(partial)
     return manifest
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}  # a corrupt manifest is treated as absent: the job is redone
 
 
 def _screen_description(device: torch.device, precision: str, topk: int | None, partitions: bool) -> dict:
