@@ -189,7 +189,7 @@ def check_model_for_index_keys(model, index) -> None:
     theirs = (cfg.get("inputs") or {}).get("keys")
     ours = index_keys_fingerprint(index)
     if theirs is None or ours is None:
-        if isinstance(cfg, dict) and cfg and theirs is None:
+        if isinstance(cfg, dict) and cfg.get("rundir") and theirs is None:
             warnings.warn(
                 "router: the model's run records no key fingerprint (trained by an older amips); "
                 "cannot verify it was trained on this index's keys",
