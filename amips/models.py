@@ -21,7 +21,6 @@ All models share: ``kind``, ``n_heads``, ``config`` (a dict), ``score(q)``,
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 

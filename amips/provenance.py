@@ -48,6 +48,8 @@ FINGERPRINT_VERSION = 1
 FULL_HASH_ROWS = 65536
 SAMPLED_ROWS = 4096
 _CHUNK_ROWS = 8192
+# files an index folder holds while its build or save is under way
+INDEX_UNFINISHED_MARKERS = (".kmeans-stage.json", ".incomplete")
 
 
 def _rows(x: Any, index: np.ndarray | slice) -> np.ndarray:
@@ -160,12 +162,11 @@ def check_partitions_file(path, *, keys) -> None:
     p = Path(path)
     root = p.parent
     index_json = root / "index.json"
-    looks_like_index = index_json.exists() or (root / ".kmeans-stage.json").exists() or (
-        (root / "centroids.npy").exists() and p.name == "partitions.npy"
-    )
+    unfinished = any((root / m).exists() for m in INDEX_UNFINISHED_MARKERS)
+    looks_like_index = index_json.exists() or unfinished or (root / "lists.safetensors").exists()
     if not looks_like_index:
-        return  # a standalone partitions file: nothing to check it against
-    if (root / ".kmeans-stage.json").exists() or not index_json.exists():
+        return  # a standalone partitions file (and centroids.npy): nothing to check against
+    if unfinished or not index_json.exists():
         raise InputError(
             f"partitions: {p} belongs to an index build that did not finish ({root} has no "
             f"complete index.json); rerun `amips index build ... --out {root}` to finish it"

@@ -43,8 +43,8 @@ from tqdm.auto import tqdm
 
 from . import labels as _labels
 from . import provenance as _provenance
-from ._io import fault_point as _fault_point
 from ._io import atomic_save_npy, atomic_write_bytes, atomic_write_json, sha256_file
+from ._io import fault_point as _fault_point
 from ._validate import InputError, check_int_vector, check_matrix, to_tensor
 from .models import MODEL_KINDS, build_model, count_params, size_width
 

@@ -6,6 +6,17 @@ import argparse
 import json
 
 from .._validate import InputError
+from ._args import (
+    add_device,
+    add_overwrite,
+    add_threads,
+    clear_folder,
+    device_and_threads,
+    output_folder,
+)
+
+_RUN_FILES = ("config.json", "checkpoint.safetensors", "model.safetensors", "metrics.jsonl", "state.json",
+              "split.json", "labels")
 
 
 def register(subparsers) -> None:
@@ -22,17 +33,20 @@ def register(subparsers) -> None:
     )
     p.add_argument("--keys", required=True, help="key database (.npy, .fvecs, file.hdf5:dataset)")
     p.add_argument("--queries", required=True, help="training queries (same formats)")
-    p.add_argument("--model", required=True, choices=["keynet", "supportnet", "router-mlp"])
+    p.add_argument("--model", required=True, choices=["keynet", "supportnet", "router-mlp"],
+                   help="network: keynet, supportnet (input-convex) or router-mlp")
     p.add_argument("--out", required=True, help="run folder (config, checkpoints, metrics)")
     p.add_argument("--labels", default=None, help="labels folder written by `amips labels`")
     p.add_argument("--partitions", default=None, help="partitions.npy: IVF list id per key")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--device", default="cuda_if_available")
+    p.add_argument("--steps", type=int, default=2000, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=4096, help="queries per step")
+    add_device(p, default="cuda_if_available")
+    add_threads(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    add_overwrite(p, "a run")
     size = p.add_argument_group("model size")
-    size.add_argument("--width", type=int, default=None)
-    size.add_argument("--depth", type=int, default=3)
+    size.add_argument("--width", type=int, default=None, help="hidden width (default: from --param-fraction, else 256)")
+    size.add_argument("--depth", type=int, default=3, help="hidden layers")
     size.add_argument("--param-fraction", type=float, default=None,
                       help="parameter budget as a fraction of n_keys*d (sets the width)")
     size.add_argument("--homogeneous", action="store_true",
@@ -42,24 +56,24 @@ def register(subparsers) -> None:
     size.add_argument("--no-centroid-init", action="store_true",
                       help="multi-head routers: do not start each head's linear term at its list's centroid")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--lr", type=float, default=1e-3)
-    opt.add_argument("--weight-decay", type=float, default=0.0)
-    opt.add_argument("--optimizer", choices=["adam", "adamw"], default="adamw")
-    opt.add_argument("--warmup", type=int, default=100)
+    opt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    opt.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    opt.add_argument("--optimizer", choices=["adam", "adamw"], default="adamw", help="optimiser")
+    opt.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before cosine decay")
     opt.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
-    opt.add_argument("--ema", type=float, default=0.999)
-    opt.add_argument("--w-score", type=float, default=1.0)
-    opt.add_argument("--w-key", type=float, default=1.0)
+    opt.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
+    opt.add_argument("--w-score", type=float, default=1.0, help="weight of the score MSE")
+    opt.add_argument("--w-key", type=float, default=1.0, help="weight of the key loss")
     opt.add_argument("--noise", type=float, default=0.05,
                      help="augmentation: Gaussian noise std relative to ||q||/sqrt(d) (0: off)")
     opt.add_argument("--noise-fraction", type=float, default=0.5, help="share of each batch made noisy")
     opt.add_argument("--focus", type=float, default=1.5,
                      help="multi-head routers: weight each head's squared error towards the lists whose "
                           "support value is within ~FOCUS standard deviations of the best (0: plain MSE)")
-    opt.add_argument("--val-fraction", type=float, default=0.04)
-    opt.add_argument("--eval-every", type=int, default=200)
-    opt.add_argument("--checkpoint-every", type=int, default=200)
-    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--val-fraction", type=float, default=0.04, help="share of the queries held out for validation")
+    opt.add_argument("--eval-every", type=int, default=200, help="steps between validations")
+    opt.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    opt.add_argument("--seed", type=int, default=0, help="random seed")
     opt.add_argument("--no-bf16", action="store_true", help="disable bf16 autocast on CUDA")
     opt.add_argument("--max-minutes", type=float, default=None, help="stop (and checkpoint) after this long")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -71,9 +85,15 @@ def run(args) -> int:
 
     from ..train import TrainConfig, train
 
+    device_and_threads(args)
     device = args.device
     if device == "cuda_if_available":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = output_folder(args.out, "out")
+    if args.overwrite and args.resume:
+        raise InputError("overwrite: --overwrite starts the run again, --resume continues it; pass one")
+    if args.overwrite:
+        clear_folder(out, _RUN_FILES)
     if args.seed < 0:
         raise InputError(f"seed: must be >= 0, got {args.seed}")
     cfg = TrainConfig(

@@ -406,6 +406,7 @@ class IVFIndex:
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
         # the folder stops looking complete before any of its files changes
+        atomic_write(root / ".incomplete", lambda f: f.write(b"index files are being written\n"))
         (root / "index.json").unlink(missing_ok=True)
         atomic_save_npy(root / "centroids.npy", self.centroids.cpu().numpy())
         atomic_save_npy(root / "partitions.npy", self.partitions.numpy())
@@ -439,6 +440,7 @@ class IVFIndex:
             "meta": self.meta,
         }
         atomic_save_json(root / "index.json", cfg)
+        (root / ".incomplete").unlink(missing_ok=True)
         return root
 
     @classmethod

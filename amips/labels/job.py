@@ -22,6 +22,7 @@ from .._io import (
 from .._io import fault_point as _fault_point
 from .._validate import (
     InputError,
+    check_device,
     check_int_vector,
     check_positive_int,
 )
@@ -90,9 +91,7 @@ def run_label_job(
     if topk is not None:
         topk = check_positive_int(topk, "topk", maximum=MAX_TOPK)
     shard_size = check_positive_int(shard_size, "shard_size")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device: cuda requested but no CUDA device is available")
+    dev = check_device(device, "device")
     precision_used = resolve_precision(precision, dev)
 
     part_ids = None
