@@ -28,7 +28,7 @@ from .._validate import (
 )
 from ..provenance import fingerprint
 from .batch import BatchLabeler, LabelSpec, _default_batch_size
-from .certify import MAX_TOPK, Candidates, KeySource
+from .certify import MAX_TOPK, Candidates, KeySource, scale_queries
 from .screen import resolve_precision
 
 # ----------------------------------------------------------------------------------------
@@ -150,6 +150,7 @@ def run_label_job(
 
     nq = queries_arr.shape[0]
     keys_src = KeySource(keys_arr, "keys")
+    keys_src.fit_range()  # NaN/inf check and the power-of-two scale of the keys (one pass)
     spec = LabelSpec(topk=topk, partitions=part_ids, n_partitions=n_partitions,
                      precision=precision_used, shard_size=shard_size)
     labeler = BatchLabeler(keys_src, spec, dev)
@@ -168,10 +169,10 @@ def run_label_job(
             bar.update(labeler.n_shards)
             continue
         a, z = b * batch_size, min((b + 1) * batch_size, nq)
-        block = np.array(queries_arr[a:z], dtype=np.float32, order="C")
+        block = np.array(queries_arr[a:z], dtype=np.float64, order="C")
         if not np.isfinite(block).all():
             raise InputError(f"queries: contains NaN or inf values (rows {a}..{z - 1})")
-        q = torch.from_numpy(block).to(dev)
+        q, q64, q_log2 = scale_queries(block, dev)
         state_file = partial / f"batch_{b:06d}.state.pt"
         state, first = None, 0
         if state_file.exists():
@@ -180,13 +181,13 @@ def run_label_job(
             state = {name: Candidates(**saved[name]) for name in ("top", "part") if name in saved}
             bar.update(first)
         for j in range(first, labeler.n_shards):
-            state = labeler.screen(q, j, state)
+            state = labeler.screen(q, j, state, q64=q64)
             if labeler.n_shards > 1 and j + 1 < labeler.n_shards:
                 blob = {name: c.to("cpu").state() for name, c in state.items()}
                 blob["next_shard"] = j + 1
                 atomic_torch_save(state_file, blob)
             bar.update(1)
-        result, stats = labeler.finish(q, state)
+        result, stats = labeler.finish(q, state, q64=q64, score_log2=q_log2 + keys_src.scale_log2)
         for key in stats_total:
             stats_total[key] += stats[key]
         payload = {**result, **{f"stat_{k}": np.int64(v) for k, v in stats.items()}}
