@@ -10,6 +10,7 @@ import torch
 
 from .._validate import (
     InputError,
+    check_device,
     check_int_vector,
     check_matrix,
     check_positive_int,
@@ -248,7 +249,8 @@ class Labeler:
                 raise InputError(f"partition_ids: id {max_id - 1} >= n_partitions = {n_partitions}")
         self.spec = LabelSpec(topk=topk, partitions=ids, n_partitions=n_partitions or 0,
                               precision=precision, shard_size=shard_size)
-        self.device = torch.device(device) if device is not None else (self._keys_device or torch.device("cpu"))
+        self.device = (check_device(device, "device") if device is not None
+                       else (self._keys_device or torch.device("cpu")))
         self.batch_size = (check_positive_int(batch_size, "batch_size") if batch_size is not None
                            else _default_batch_size(self.device, self.spec.n_partitions))
         self.keys.fit_range()  # NaN/inf check and the power-of-two scale of the keys
