@@ -100,13 +100,15 @@ def same(a: dict | None, b: dict | None) -> bool:
     return list(a.get("shape", [])) == list(b.get("shape", [])) and a.get("sha256") == b.get("sha256")
 
 
-def check_same(what: str, artifact: str, recorded: dict | None, given_name: str, given: dict, fix: str) -> None:
-    """InputError naming both sides when ``recorded`` (from ``artifact``) differs from ``given``."""
+def check_same(name: str, recorded_side: str, recorded: dict | None, given_side: str, given: dict,
+               fix: str) -> None:
+    """InputError naming both sides when ``recorded`` differs from ``given``: ``name: <recorded
+    side> (<its fingerprint>) but <given side> (<its fingerprint>); <fix>``."""
     if same(recorded, given):
         return
     raise InputError(
-        f"{given_name}: {artifact} was computed from other {what} ({describe(recorded)}) than "
-        f"{given_name} ({describe(given)}); {fix}"
+        f"{name}: {recorded_side} ({describe(recorded)}), but {given_side} ({describe(given)}) "
+        f"differ; {fix}"
     )
 
 
@@ -139,15 +141,16 @@ def check_labels_dir(labels_dir, *, keys, queries, partitions=None) -> dict:
             f"older amips or interrupted); {fix}"
         )
     inputs = manifest["inputs"]
-    check_same("keys", f"labels in {root}", inputs.get("keys"), "keys", fingerprint(keys), fix)
-    check_same("queries", f"labels in {root}", inputs.get("queries"), "queries", fingerprint(queries), fix)
+    for name, given in (("keys", keys), ("queries", queries)):
+        check_same(name, f"the labels in {root} were computed for other {name}", inputs.get(name),
+                   f"the given {name}", fingerprint(given), fix)
     if partitions is not None:
         if inputs.get("partitions") is None:
             raise InputError(
                 f"partitions: labels in {root} were computed without partitions; {fix} --partitions"
             )
-        check_same("partitions", f"labels in {root}", inputs.get("partitions"), "partitions",
-                   fingerprint(np.asarray(partitions)), fix)
+        check_same("partitions", f"the labels in {root} were computed for other partitions",
+                   inputs.get("partitions"), "the given partitions", fingerprint(partitions), fix)
     return manifest
 
 
@@ -180,8 +183,8 @@ def check_partitions_file(path, *, keys) -> None:
         )
     recorded = (cfg.get("inputs") or {}).get("keys")
     if recorded is not None:
-        check_same("keys", f"the index in {root}", recorded, "keys", fingerprint(keys),
-                   "train on the keys the index was built from")
+        check_same("keys", f"the index in {root} was built from other keys", recorded,
+                   "the given keys", fingerprint(keys), "train on the keys the index was built from")
 
 
 def check_model_for_index_keys(model, index) -> None:
@@ -197,8 +200,9 @@ def check_model_for_index_keys(model, index) -> None:
                 stacklevel=3,
             )
         return
-    check_same("keys", f"the {cfg.get('kind', 'model')} model ({cfg.get('rundir', 'run')})", theirs,
-               "router", ours, "train the model on the keys this index was built from")
+    check_same("router", f"the {cfg.get('kind', 'model')} model in {cfg.get('rundir', '?')} was trained "
+               "on other keys", theirs, "the index's keys", ours,
+               "train the model on the keys this index was built from")
 
 
 def index_keys_fingerprint(index) -> dict | None:

@@ -61,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"k: must be in [1, {MAX_TOPK}] (the exact ground truth's limit), got {args.k}")
     json_path = output_file(args.json, "json", overwrite=args.overwrite)
     plot_path = output_file(args.plot, "plot", overwrite=args.overwrite)
+    for flag in ("repeats", "single"):
+        if getattr(args, flag) < 0:
+            raise InputError(f"{flag}: must be >= 0 (0 = skip), got {getattr(args, flag)}")
     if args.reorder < 0:
         raise InputError(f"reorder: must be >= 0, got {args.reorder}")
     index = IVFIndex.load(args.index, device=args.device)
