@@ -16,6 +16,7 @@ import importlib
 import sys
 
 from .._validate import InputError
+from ._args import complete_help
 
 # Order in which subcommands appear in --help.
 SUBCOMMANDS = ("demo", "labels", "train", "index", "eval")
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # subcommand not part of this build
             raise
         module.register(sub)
+    complete_help(parser)
     return parser
 
 

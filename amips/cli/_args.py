@@ -64,3 +64,49 @@ def clear_folder(path: Path, names) -> None:
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
+
+
+# Help for flags whose subcommand module gives none (kept here, not in the modules, so the
+# modules other sessions edit stay untouched): (subcommand, dest) -> text.
+HELP = {
+    ("train", "model"): "network: keynet, supportnet (input-convex) or router-mlp",
+    ("train", "steps"): "optimiser steps",
+    ("train", "batch_size"): "queries per step",
+    ("train", "width"): "hidden width (default: from --param-fraction, else the model's default)",
+    ("train", "depth"): "hidden layers",
+    ("train", "lr"): "peak learning rate",
+    ("train", "weight_decay"): "AdamW weight decay",
+    ("train", "optimizer"): "optimiser",
+    ("train", "warmup"): "linear warm-up steps before the cosine decay",
+    ("train", "ema"): "EMA decay of the saved weights",
+    ("train", "w_score"): "weight of the score MSE in the loss",
+    ("train", "w_key"): "weight of the key loss",
+    ("train", "val_fraction"): "share of the queries held out for validation",
+    ("train", "eval_every"): "steps between validations",
+    ("train", "checkpoint_every"): "steps between checkpoints",
+    ("train", "seed"): "random seed",
+}
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` where a default means something (not for required flags,
+    switches, or None)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required or action.default in (None, False, argparse.SUPPRESS) or "%(default)" in text:
+            return text
+        if "default" in text:
+            return text  # the help already says what the default is
+        return text + " (default: %(default)s)"
+
+
+def complete_help(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> None:
+    """Every subcommand shows its defaults in --help, and every flag has a help line."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                sub.formatter_class = DefaultsFormatter
+                complete_help(sub, path + (name,))
+        elif action.option_strings and action.help is None:
+            action.help = HELP.get((" ".join(path), action.dest))

@@ -20,7 +20,6 @@ def register(sub: argparse._SubParsersAction) -> None:
             "(tie-aware), recall@10, MRR, FLOPs per query (router + scan) and QPS (batched "
             "and one query at a time). Ground truth is the exact top-k over the index's keys."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--index", required=True, help="INDEXDIR from `amips index build`")
     p.add_argument("--queries", required=True, help="test queries (.npy, .fvecs, file.hdf5:test)")

@@ -19,7 +19,6 @@ from ._args import (
     output_folder,
 )
 
-_FMT = argparse.ArgumentDefaultsHelpFormatter
 _INDEX_FILES = ("index.json", ".incomplete", "centroids.npy", "partitions.npy", "lists.safetensors", "pq.safetensors",
                 ".kmeans-stage.json")
 
@@ -40,7 +39,6 @@ def register(sub: argparse._SubParsersAction) -> None:
             "lists.safetensors, and pq.safetensors with --pq-subspaces. Every file is written "
             "atomically; a killed build resumes from its k-means when rerun."
         ),
-        formatter_class=_FMT,
     )
     b.add_argument("--keys", required=True, help="keys: .npy, .fvecs/.bvecs, or file.hdf5:train")
     b.add_argument("--n-lists", type=int, required=True, help="number of IVF lists (about sqrt(n_keys))")
@@ -66,11 +64,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--quiet", action="store_true", help="no progress messages")
     b.set_defaults(func=run_build)
 
-    i = isub.add_parser("info", help="print an index's summary", formatter_class=_FMT)
+    i = isub.add_parser("info", help="print an index's summary")
     i.add_argument("index", help="INDEXDIR")
     i.set_defaults(func=run_info)
 
-    e = isub.add_parser("export-faiss", help="write the index as a faiss IVF index file", formatter_class=_FMT)
+    e = isub.add_parser("export-faiss", help="write the index as a faiss IVF index file")
     e.add_argument("index", help="INDEXDIR")
     e.add_argument("--out", required=True, help="faiss index file to write")
     e.add_argument("--kind", choices=["flat", "pqfs"], default="flat",

@@ -18,7 +18,6 @@ def register(sub: argparse._SubParsersAction) -> None:
             "--partitions, partition_index.npy / partition_score.npy [nq, n_partitions]. "
             "Interrupted runs resume when the same command is run again."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--keys", required=True, help="keys: .npy, .fvecs/.bvecs/.ivecs, or file.hdf5:train")
     p.add_argument("--queries", required=True, help="queries: same formats (file.hdf5:test)")
