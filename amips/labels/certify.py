@@ -60,6 +60,12 @@ def range_slack(qn: torch.Tensor, key_norm: torch.Tensor, d: int, lossy: bool) -
     """
     qn = qn.double()
     k = key_norm.double().to(qn.device)
+    # the bound's own range assumption: after scaling, norms stay far inside fp32 (<= 2^84)
+    if not (bool((qn <= 2.0**100).all()) and float(k) <= 2.0**100):
+        raise RuntimeError(
+            "labels: norms beyond 2^100 reached the fp32 screen unscaled; the certification "
+            "bound does not hold there (a bug in the range scaling: please report it)"
+        )
     slack = 2.0**-130 * (math.sqrt(d) * (qn + k) + d)
     if lossy:
         slack = slack + 2.0**-23 * (1 + 2.0**-16) * qn * k
