@@ -343,7 +343,7 @@ def test_eval_allow_unfinished_and_json_into_new_folder(ws, tmp_path, capsys):
 # --------------------------------------------------------------------------------------
 # policies that are answers, not errors
 # --------------------------------------------------------------------------------------
-def test_integer_inputs_are_upcast_everywhere(ws, tmp_path):
+def test_integer_inputs_are_upcast_everywhere(tmp_path):
     rng = np.random.default_rng(3)
     keys = rng.integers(-50, 50, (300, 6)).astype(np.int32)
     queries = rng.integers(-50, 50, (25, 6)).astype(np.int16)
