@@ -75,3 +75,28 @@ def file_fingerprint(path: str | os.PathLike) -> dict:
             h.update(fh.read(1 << 20))
     return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
             "sha256_head_tail": h.hexdigest()}
+
+
+_FAULT_HITS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Test hook: ``AMIPS_FAULT_POINT=name[:n]`` kills this process (SIGKILL, like ``kill -9``)
+    the n-th time (default 1st) execution passes ``fault_point(name)``.
+
+    The points sit between two final writes of the long jobs (labels outputs, training's
+    last checkpoint and state, the index files), so tests can check deterministically that
+    a job killed while writing its final outputs leaves nothing complete-looking and
+    resumes to the same outputs. Unset (the normal case) it costs one dict lookup.
+    """
+    spec = os.environ.get("AMIPS_FAULT_POINT")
+    if not spec:
+        return
+    target, _, count = spec.partition(":")
+    if target != name:
+        return
+    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
+    if _FAULT_HITS[name] >= int(count or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

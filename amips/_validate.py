@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 _FLOAT_TORCH = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT_TORCH = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 class InputError(ValueError):
@@ -15,12 +16,21 @@ class InputError(ValueError):
 
 
 def to_tensor(x: Any, name: str) -> torch.Tensor:
-    """numpy array (memory-mapped too) or torch tensor -> torch tensor, without copying."""
+    """numpy array (memory-mapped too) or torch tensor -> torch tensor, without copying.
+
+    Integer arrays are accepted and upcast to float64 (exact for |value| < 2**53): the
+    one integer-input policy of amips, the same for files, numpy arrays and tensors
+    (``docs/errors.md``). bool, complex and object arrays are refused.
+    """
     if isinstance(x, torch.Tensor):
         return x
     if isinstance(x, np.ndarray):
+        if x.dtype.kind in "iu":
+            return torch.from_numpy(np.asarray(x, dtype=np.float64))
         if x.dtype.kind not in "f":
-            raise InputError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
+            raise InputError(f"{name}: expected a floating-point or integer array, got dtype {x.dtype}")
+        if x.dtype.itemsize > 8:
+            x = np.asarray(x, dtype=np.float64)  # long double: torch has no such dtype
         if not (x.flags.writeable and x.flags.c_contiguous):
             x = np.array(x, order="C")  # read-only memmaps and strided views are copied
         return torch.from_numpy(x)
@@ -35,9 +45,12 @@ def check_matrix(
     finite: bool = True,
     allow_empty: bool = False,
 ) -> torch.Tensor:
-    """Check a 2-D floating-point matrix [n, d]; fp16/bf16 are accepted (upcast by callers)."""
+    """Check a 2-D matrix [n, d]; fp16/bf16 are accepted (upcast by callers), integer
+    tensors are upcast to float64 (the integer-input policy, see :func:`to_tensor`)."""
+    if x.dtype in _INT_TORCH:
+        x = x.double()
     if x.dtype not in _FLOAT_TORCH:
-        raise InputError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+        raise InputError(f"{name}: expected a floating-point or integer tensor, got dtype {x.dtype}")
     if x.dim() != 2:
         raise InputError(f"{name}: expected a 2-D array [n, d], got shape {tuple(x.shape)}")
     if not allow_empty and (x.shape[0] == 0 or x.shape[1] == 0):
@@ -100,3 +113,35 @@ def check_int_vector(x: Any, name: str, *, length: int | None = None) -> torch.T
     if x.numel() and int(x.min()) < 0:
         raise InputError(f"{name}: ids must be >= 0, got {int(x.min())}")
     return x
+
+
+def check_device(device: Any, name: str = "device") -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' (or a torch.device) -> torch.device, usable on this machine."""
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        try:
+            dev = torch.device(str(device))
+        except (RuntimeError, TypeError, ValueError):
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda"):
+            raise InputError(f"{name}: expected cpu, cuda or cuda:N, got {device!r}")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"{name}: expected cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"{name}: {device!r} requested but no CUDA device is available; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(
+                f"{name}: {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    return dev
+
+
+def check_threads(threads: Any, name: str = "threads") -> int | None:
+    """None (torch's default) or a thread count >= 1, applied with torch.set_num_threads."""
+    if threads is None:
+        return None
+    threads = check_positive_int(threads, name)
+    torch.set_num_threads(threads)
+    return threads

@@ -51,9 +51,15 @@ def load_array(path: str | os.PathLike, *, name: str = "path", mmap: bool = True
     suffix = file.suffix.lower()
     if suffix == ".npy":
         try:
-            return np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except ValueError as exc:
-            raise InputError(f"{name}: cannot read {file} as .npy: {exc}") from exc
+            array = np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as exc:
+            why = "it is empty (0 bytes)" if file.stat().st_size == 0 else f"{exc.__class__.__name__}: {exc}"
+            raise InputError(
+                f"{name}: cannot read {file} as .npy ({why}); it is truncated or not a .npy file"
+            ) from None
+        if not isinstance(array, np.ndarray):
+            raise InputError(f"{name}: {file} holds no array")
+        return array
     if suffix in VEC_DTYPES:
         return _load_vecs(file, VEC_DTYPES[suffix], name=name, mmap=mmap)
     if suffix in HDF5_SUFFIXES:
@@ -88,7 +94,11 @@ def _load_hdf5(file: Path, dataset: str, *, name: str) -> np.ndarray:
         import h5py
     except ImportError as exc:  # pragma: no cover - optional dependency
         raise InputError(f"{name}: reading HDF5 needs h5py: pip install 'amips[hdf5]'") from exc
-    with h5py.File(file, "r") as handle:
+    try:
+        handle = h5py.File(file, "r")
+    except OSError as exc:
+        raise InputError(f"{name}: cannot read {file} as HDF5 ({exc}); it is truncated or not HDF5") from None
+    with handle:
         if dataset not in handle:
             raise InputError(
                 f"{name}: {file} has no dataset {dataset!r} (it has {sorted(handle.keys())})"

@@ -149,6 +149,25 @@ def agree(payload: dict, what: str) -> None:
             )
 
 
+def on_every_rank(fn, what: str):
+    """Run ``fn()`` on every rank; an :class:`InputError` on any rank is raised on every rank
+    (instead of the other ranks waiting for it in the next collective)."""
+    err, result = None, None
+    try:
+        result = fn()
+    except InputError as exc:
+        err = str(exc)
+    if world_size() > 1:
+        errs = all_gather_object(err)
+        failed = [(r, e) for r, e in enumerate(errs) if e is not None]
+        if failed:
+            r, e = failed[0]
+            raise InputError(e if r == rank() else f"{e} (on rank {r}; {what} stopped on every rank)")
+    elif err is not None:
+        raise InputError(err)
+    return result
+
+
 def from_rank0(fn, what: str):
     """Run ``fn()`` on rank 0 only and hand its result (or its InputError) to every rank."""
     box = [None, None]
@@ -261,7 +280,7 @@ def train_distributed(keys, queries, out, config=None, *, labels_dir=None, parti
         cfg.validate()
         if cfg.batch_size % w:
             raise InputError(f"batch_size: {cfg.batch_size} is not a multiple of the world size {w}")
-        return T._load_inputs(keys, queries, partitions, cfg, device)
+        return T._load_inputs(keys, queries, partitions, cfg, device, labels_dir=labels_dir)
 
     inp = checked(prepare, "train")
     if inp.dev.type == "cuda" and inp.dev.index is None:

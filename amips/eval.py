@@ -55,8 +55,10 @@ def parse_nprobes(text, n_lists: int | None = None) -> list[int]:
     if not values:
         raise InputError("nprobe: no values given")
     for v in values:
-        if v < 1 or (n_lists is not None and v > n_lists):
-            raise InputError(f"nprobe: {v} out of range [1, {n_lists}]")
+        if v < 1:
+            raise InputError(f"nprobe: {v} out of range, must be >= 1 (lists probed per query)")
+        if n_lists is not None and v > n_lists:
+            raise InputError(f"nprobe: {v} out of range [1, {n_lists}] (the index has {n_lists} lists)")
     return sorted(set(values))
 
 

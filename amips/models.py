@@ -21,7 +21,6 @@ All models share: ``kind``, ``n_heads``, ``config`` (a dict), ``score(q)``,
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -382,23 +381,44 @@ def size_width(config: dict, budget: int, *, multiple: int = 16) -> int:
     return lo
 
 
-def load_model(rundir, *, device: str | torch.device = "cpu") -> _Base:
+def load_model(rundir, *, device: str | torch.device = "cpu", allow_unfinished: bool = False) -> _Base:
     """Load a trained model (EMA weights) from a run folder written by ``amips train``.
 
     Returns the model in eval mode; ``model.config`` holds the run's config (including
-    ``partitions_sha256`` and ``n_partitions`` when trained with ``--partitions``).
+    ``partitions_sha256``, ``n_partitions`` and the input fingerprints ``inputs``). Only a
+    finished run loads; ``allow_unfinished=True`` loads the latest checkpoint of an
+    interrupted run, with a warning naming the step reached.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from ._validate import check_device
+    from .provenance import _read_json, check_run_finished
+
+    device = check_device(device, "device")
     root = Path(rundir)
     cfg_path, weights = root / "config.json", root / "model.safetensors"
+    if not root.is_dir():
+        raise InputError(f"rundir: {root} is not a folder (expected a run folder from `amips train`)")
     if not cfg_path.exists() or not weights.exists():
         raise InputError(f"rundir: {root} has no config.json/model.safetensors (not a trained run?)")
-    run_cfg = json.loads(cfg_path.read_text())
-    model = build_model(run_cfg["model"])
-    state = load_file(str(weights), device=str(device))
-    model.load_state_dict(state)
+    run_cfg = _read_json(cfg_path, "rundir")
+    if not isinstance(run_cfg, dict) or not isinstance(run_cfg.get("model"), dict):
+        raise InputError(f"rundir: {cfg_path} is not an amips run config (no 'model' entry)")
+    check_run_finished(root, allow_unfinished=allow_unfinished)
+    try:
+        model = build_model(run_cfg["model"])
+        state = load_file(str(weights), device=str(device))
+        model.load_state_dict(state)
+    except InputError:
+        raise
+    except (SafetensorError, OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:
+        raise InputError(
+            f"rundir: cannot load the model in {root} ({exc.__class__.__name__}: {str(exc)[:200]}); "
+            "the file is truncated or corrupt: retrain, or rerun `amips train ... --resume`"
+        ) from None
     model.to(device)
-    model.config = {**run_cfg.get("model", {}), **{k: v for k, v in run_cfg.items() if k != "model"}}
+    model.config = {**run_cfg.get("model", {}), **{k: v for k, v in run_cfg.items() if k != "model"},
+                    "rundir": str(root)}
     model.eval()
     return model

@@ -42,7 +42,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import labels as _labels
+from . import provenance as _provenance
 from ._io import atomic_save_npy, atomic_write_bytes, atomic_write_json, sha256_file
+from ._io import fault_point as _fault_point
 from ._validate import InputError, check_int_vector, check_matrix, to_tensor
 from .models import MODEL_KINDS, build_model, count_params, size_width
 
@@ -469,6 +471,7 @@ class _Inputs:
     part_path: Path | None = None
     part_sha: str | None = None
     n_heads: int = 1
+    inputs: dict | None = None
 
 
 def _check_device(device) -> torch.device:
@@ -482,7 +485,7 @@ def _check_device(device) -> torch.device:
     return dev
 
 
-def _load_inputs(keys, queries, partitions, cfg: TrainConfig, device) -> _Inputs:
+def _load_inputs(keys, queries, partitions, cfg: TrainConfig, device, *, labels_dir=None) -> _Inputs:
     from .data import load_array
 
     dev = _check_device(device)
@@ -511,7 +514,10 @@ def _load_inputs(keys, queries, partitions, cfg: TrainConfig, device) -> _Inputs
         if n_parts < 2:
             raise InputError("partitions: need at least 2 lists")
     n_heads = n_parts if (pid is not None and cfg.model in ("supportnet", "router-mlp")) else 1
-    return _Inputs(keys_t, q_t, dev, pid, n_parts, part_path, part_sha, n_heads)
+    # fingerprints of what the run is made from; a labels folder or partitions file given
+    # with it is checked against the same inputs first
+    inputs = _provenance.run_inputs(keys, queries, pid, labels_dir=labels_dir, partitions_path=part_path)
+    return _Inputs(keys_t, q_t, dev, pid, n_parts, part_path, part_sha, n_heads, inputs)
 
 
 def _prepare_run_folder(out, cfg: TrainConfig, inp: _Inputs, resume: bool) -> tuple[TrainConfig, dict, dict]:
@@ -547,6 +553,7 @@ def _prepare_run_folder(out, cfg: TrainConfig, inp: _Inputs, resume: bool) -> tu
         "n_partitions": inp.n_parts,
         "partitions_sha256": inp.part_sha,
         "partitions_path": str(inp.part_path) if inp.part_path else None,
+        "inputs": inp.inputs,
         "keys_fingerprint": hashlib.sha256(inp.keys_t[: min(n_keys, 1024)].numpy().tobytes()).hexdigest(),
     }
     if old is not None:
@@ -781,7 +788,7 @@ def train(
         )
     cfg = config or TrainConfig()
     cfg.validate()
-    inp = _load_inputs(keys, queries, partitions, cfg, device)
+    inp = _load_inputs(keys, queries, partitions, cfg, device, labels_dir=labels_dir)
     root = Path(out)
     cfg, model_cfg, run_cfg = _prepare_run_folder(root, cfg, inp, resume)
     lab, train_idx, val_idx = _run_labels(root, cfg, inp, labels_dir, progress)
@@ -867,5 +874,6 @@ def _train_loop(root: Path, cfg: TrainConfig, model_cfg: dict, run_cfg: dict, in
         _save_checkpoint(root, run_cfg, step, m)
     state = {"step": step, "steps": cfg.steps, "finished": step >= cfg.steps, "elapsed_s": time.time() - t0,
              "val": last}
+    _fault_point("train-final")
     atomic_write_json(root / "state.json", state)
     return last

@@ -92,11 +92,11 @@ def test_labels_resume_from_mid_batch_shard_state(tmp_path):
     calls = {"n": 0}
     real_screen = labels_mod.BatchLabeler.screen
 
-    def dying_screen(self, q, j, state):
+    def dying_screen(self, q, j, state, **kw):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt  # simulated kill after two shards were committed
-        return real_screen(self, q, j, state)
+        return real_screen(self, q, j, state, **kw)
 
     labels_mod.BatchLabeler.screen = dying_screen
     try:
@@ -108,9 +108,9 @@ def test_labels_resume_from_mid_batch_shard_state(tmp_path):
     assert (out / ".amips_labels_partial" / "batch_000000.state.pt").exists()
     seen = []
 
-    def counting_screen(self, q, j, state):
+    def counting_screen(self, q, j, state, **kw):
         seen.append(j)
-        return real_screen(self, q, j, state)
+        return real_screen(self, q, j, state, **kw)
 
     labels_mod.BatchLabeler.screen = counting_screen
     try:

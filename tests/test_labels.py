@@ -176,7 +176,7 @@ def test_certification_rejects_overlapping_bounds():
         (np.ones((2, 3), np.float32), np.ones((4, 5), np.float32), "dimension mismatch"),
         (np.ones((0, 3), np.float32), np.ones((4, 3), np.float32), "queries: is empty"),
         (np.ones((2, 3), np.float32), np.ones((0, 3), np.float32), "keys: is empty"),
-        (np.ones((2, 3), np.int64), np.ones((4, 3), np.float32), "queries: expected a floating-point"),
+        (np.ones((2, 3), bool), np.ones((4, 3), np.float32), "queries: expected a floating-point"),
         (np.ones(3, np.float32), np.ones((4, 3), np.float32), "queries: expected a 2-D"),
         ([[1.0, 2.0]], np.ones((4, 2), np.float32), "queries: expected a numpy array"),
     ],

@@ -137,7 +137,7 @@ def test_bad_configs_and_inputs(tmp_path):
     with pytest.raises(InputError, match="NaN"):
         net.predict_key(torch.full((2, 4), float("nan")))
     with pytest.raises(InputError, match="floating-point"):
-        net.score(torch.ones(2, 4, dtype=torch.int64))
+        net.score(torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(InputError, match="not a trained run"):
         load_model(tmp_path)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .._validate import InputError
+from ._args import add_device, add_overwrite, add_threads, device_and_threads, output_file
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,17 +29,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default centroid)")
     p.add_argument("--nprobe", default=None,
                    help="comma-separated list counts (default 1,2,4,8,16, those <= n_lists)")
-    p.add_argument("--k", type=int, default=10, help="results per query (default 10)")
+    p.add_argument("--k", type=int, default=10, help="results per query (1..128, the exact ground truth's limit)")
     p.add_argument("--scanner", choices=["exact", "pq"], default=None,
                    help="exact (default) or pq (default when the index has PQ codes)")
     p.add_argument("--reorder", type=int, default=0, help="PQ: re-score the best R candidates exactly")
     p.add_argument("--max-queries", type=int, default=None, help="evaluate only the first N queries")
     p.add_argument("--repeats", type=int, default=3, help="timed batch repeats (best of; 0 = no timing)")
     p.add_argument("--single", type=int, default=200, help="queries timed one at a time (0 = skip)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for search and timing")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--json", default=None, help="write the results as JSON here")
+    add_threads(p)
+    add_device(p)
+    p.add_argument("--json", default=None, help="write the results as JSON here (folders are created)")
     p.add_argument("--plot", default=None, help="write a PNG of match@1 vs nprobe / FLOPs / QPS here")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="use the latest checkpoint of an unfinished training run as a router (warns)")
+    add_overwrite(p, "the --json / --plot files")
     p.set_defaults(func=run)
 
 
@@ -58,12 +62,17 @@ def _run(args: argparse.Namespace) -> int:
     from ..data import load_array
     from ..eval import evaluate, format_table, parse_nprobes, plot_results
     from ..index.ivf import IVFIndex, atomic_save_json
+    from ..labels import MAX_TOPK
     from ..metrics import GroundTruth
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise InputError(f"threads: must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    device_and_threads(args)
+    if not 1 <= args.k <= MAX_TOPK:
+        raise InputError(f"k: must be in [1, {MAX_TOPK}] (the exact ground truth's limit), got {args.k}")
+    json_path = output_file(args.json, "json", overwrite=args.overwrite)
+    plot_path = output_file(args.plot, "plot", overwrite=args.overwrite)
+    for flag in ("repeats", "single"):
+        if getattr(args, flag) < 0:
+            raise InputError(f"{flag}: must be >= 0 (0 = skip), got {getattr(args, flag)}")
     if args.reorder < 0:
         raise InputError(f"reorder: must be >= 0, got {args.reorder}")
     index = IVFIndex.load(args.index, device=args.device)
@@ -87,19 +96,31 @@ def _run(args: argparse.Namespace) -> int:
         index = ShardedIVFIndex(index)
     rows = []
     for spec in args.router or ["centroid"]:
-        rows += evaluate(index, queries, router=spec, nprobes=nprobes, k=args.k, gt=gt,
+        router = _router(index, spec, args.allow_unfinished)
+        rows += evaluate(index, queries, router=router, nprobes=nprobes, k=args.k, gt=gt,
                          scanner=scanner, reorder=args.reorder, repeats=args.repeats,
                          qps_single=args.single, label=spec.split(":")[0] if ":" in spec else spec)
     if distributed.rank() > 0:
         return 0
     print(format_table(rows))
     if args.json:
-        atomic_save_json(Path(args.json), {
+        atomic_save_json(json_path, {
             "index": str(args.index), "queries": str(args.queries), "n_queries": int(queries.shape[0]),
             "scanner": scanner, "reorder": args.reorder, "results": rows,
         })
         print(f"eval: wrote {args.json}")
     if args.plot:
-        plot_results(rows, args.plot, title=f"{Path(args.index).name}: {queries.shape[0]:,} queries")
+        plot_results(rows, str(plot_path), title=f"{Path(args.index).name}: {queries.shape[0]:,} queries")
         print(f"eval: wrote {args.plot}")
     return 0
+
+
+def _router(index, spec: str, allow_unfinished: bool):
+    """A router spec, its model loaded here so that --allow-unfinished reaches load_model."""
+    from ..index.routers import parse_router_spec
+    from ..models import load_model
+
+    kind, path = parse_router_spec(spec)
+    if path is None or not allow_unfinished:
+        return spec
+    return index._router_from_model(load_model(path, device=index.device, allow_unfinished=True), kind)

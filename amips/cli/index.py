@@ -9,6 +9,18 @@ from pathlib import Path
 import numpy as np
 
 from .._validate import InputError
+from ._args import (
+    add_device,
+    add_overwrite,
+    add_threads,
+    clear_folder,
+    device_and_threads,
+    output_file,
+    output_folder,
+)
+
+_INDEX_FILES = ("index.json", ".incomplete", "centroids.npy", "partitions.npy", "lists.safetensors", "pq.safetensors",
+                ".kmeans-stage.json")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,8 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--metric", choices=["ip", "l2"], default="ip",
                    help="k-means: ip = spherical (default), l2 = Euclidean")
     b.add_argument("--iters", type=int, default=20, help="k-means iterations (default 20)")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    b.add_argument("--seed", type=int, default=0, help="k-means seed")
+    add_device(b)
+    add_threads(b)
     b.add_argument("--kmeans-backend", choices=["auto", "torch", "faiss"], default="auto",
                    help="auto: faiss on CPU, torch on CUDA")
     b.add_argument("--partitions", default=None,
@@ -46,8 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--pq-bits", type=int, choices=[4, 8], default=4, help="bits per PQ code (4 or 8)")
     b.add_argument("--anisotropic-threshold", type=float, default=None,
                    help="score-aware PQ loss threshold T (default: reconstruction loss)")
-    b.add_argument("--force", action="store_true", help="overwrite an existing index in --out")
-    b.add_argument("--quiet", action="store_true")
+    add_overwrite(b, "an index")
+    b.add_argument("--force", action="store_true", dest="overwrite", help=argparse.SUPPRESS)
+    b.add_argument("--quiet", action="store_true", help="no progress messages")
     b.set_defaults(func=run_build)
 
     i = isub.add_parser("info", help="print an index's summary")
@@ -60,6 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--kind", choices=["flat", "pqfs"], default="flat",
                    help="flat = IndexIVFFlat, pqfs = IndexIVFPQFastScan (4-bit)")
     e.add_argument("--pq-subspaces", type=int, default=None, help="PQ subspaces for --kind pqfs (default d/2)")
+    add_overwrite(e, "a file")
     e.set_defaults(func=run_export)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -83,24 +98,36 @@ def run_build(args: argparse.Namespace) -> int:
     from ..index.ivf import IVFIndex, atomic_save_json, atomic_save_npy
     from ..index.kmeans import kmeans
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"out: {out} exists and is not a folder")
-    if (out / "index.json").exists() and not args.force:
-        raise InputError(f"out: {out} already holds an index; pass --force to rebuild it")
+    device_and_threads(args)
+    out = output_folder(args.out, "out")
+    if (out / "index.json").exists() and not args.overwrite:
+        raise InputError(f"out: {out} already holds an index; pass --overwrite to rebuild it")
     keys_np = load_array(args.keys, name="keys")
     if keys_np.ndim != 2:
-        raise InputError(f"keys: expected a 2-D array, got shape {keys_np.shape}")
+        raise InputError(f"keys: expected a 2-D array [n, d], got shape {keys_np.shape}")
+    if keys_np.shape[0] == 0 or keys_np.shape[1] == 0:
+        raise InputError(f"keys: is empty (shape {keys_np.shape}); an index needs at least one key")
+    if keys_np.dtype.kind not in "fiu":
+        raise InputError(f"keys: expected numeric vectors, got dtype {keys_np.dtype}")
     if args.n_lists < 1 or args.n_lists > keys_np.shape[0]:
-        raise InputError(f"n-lists: must be in [1, {keys_np.shape[0]}], got {args.n_lists}")
+        raise InputError(f"n-lists: must be in [1, {keys_np.shape[0]}] (the number of keys), got {args.n_lists}")
+    partitions_in = None
+    if args.partitions:
+        partitions_in = load_array(args.partitions, name="partitions", mmap=False)
+        if partitions_in.ndim != 1:
+            raise InputError(f"partitions: expected a 1-D array of list ids, got shape {partitions_in.shape}")
     keys = torch.from_numpy(np.array(keys_np, dtype=np.float32, order="C"))
+    if not bool(torch.isfinite(keys).all()):
+        raise InputError("keys: contains NaN or inf values (or values beyond the float32 range)")
+    if args.overwrite:
+        clear_folder(out, _INDEX_FILES)
     out.mkdir(parents=True, exist_ok=True)
     stage_path = out / ".kmeans-stage.json"
     fp = _fingerprint(args, keys_np)
     say = (lambda *a: None) if args.quiet else print
     partitions = centroids = None
-    if args.partitions:
-        partitions = np.load(args.partitions)
+    if partitions_in is not None:
+        partitions = partitions_in
     elif (
         stage_path.exists()
         and json.loads(stage_path.read_text()) == fp
@@ -147,10 +174,12 @@ def run_info(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     import faiss
 
+    from .._io import atomic_write_bytes
     from ..index.ivf import IVFIndex
 
+    out = output_file(args.out, "out", overwrite=args.overwrite)
     index = IVFIndex.load(args.index)
     fidx = index.to_faiss(args.kind, pq_subspaces=args.pq_subspaces)
-    faiss.write_index(fidx, str(args.out))
+    atomic_write_bytes(out, faiss.serialize_index(fidx).tobytes())
     print(f"index: wrote faiss {type(fidx).__name__} ({fidx.ntotal:,} keys, {fidx.nlist} lists) to {args.out}")
     return 0

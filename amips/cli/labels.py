@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ._args import add_device, add_overwrite, add_threads, device_and_threads
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -19,17 +21,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--keys", required=True, help="keys: .npy, .fvecs/.bvecs/.ivecs, or file.hdf5:train")
     p.add_argument("--queries", required=True, help="queries: same formats (file.hdf5:test)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--partitions", default=None, help=".npy with one int partition id per key")
     p.add_argument("--topk", type=int, default=None, help="also write the exact top-k (k <= 128)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    add_device(p)
+    add_threads(p)
     p.add_argument("--batch-size", type=int, default=None,
                    help="queries per committed batch (default 16384 on CPU, 65536 on CUDA)")
     p.add_argument("--shard-size", type=int, default=1 << 20,
-                   help="keys per shard read into memory (default 1048576)")
+                   help="keys per shard read into memory")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16"],
                    help="screening precision; results are exact (fp64-certified) either way")
-    p.add_argument("--overwrite", action="store_true", help="discard labels or partial work in --out")
+    add_overwrite(p, "labels or partial work of another job")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -38,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..labels import run_label_job
 
+    device_and_threads(args)
     # under torchrun: join the process group (gloo on cpu, nccl on cuda) for this command
     with distributed.session(args.device) as device:
         manifest = run_label_job(

@@ -6,6 +6,17 @@ import argparse
 import json
 
 from .._validate import InputError
+from ._args import (
+    add_device,
+    add_overwrite,
+    add_threads,
+    clear_folder,
+    device_and_threads,
+    output_folder,
+)
+
+_RUN_FILES = ("config.json", "checkpoint.safetensors", "model.safetensors", "metrics.jsonl", "state.json",
+              "split.json", "labels")
 
 
 def register(subparsers) -> None:
@@ -28,8 +39,10 @@ def register(subparsers) -> None:
     p.add_argument("--partitions", default=None, help="partitions.npy: IVF list id per key")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--device", default="cuda_if_available")
+    add_device(p, default="cuda_if_available")
+    add_threads(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    add_overwrite(p, "a run")
     size = p.add_argument_group("model size")
     size.add_argument("--width", type=int, default=None)
     size.add_argument("--depth", type=int, default=3)
@@ -71,9 +84,15 @@ def run(args) -> int:
 
     from ..train import TrainConfig, train
 
+    device_and_threads(args)
     device = args.device
     if device == "cuda_if_available":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = output_folder(args.out, "out")
+    if args.overwrite and args.resume:
+        raise InputError("overwrite: --overwrite starts the run again, --resume continues it; pass one")
+    if args.overwrite:
+        clear_folder(out, _RUN_FILES)
     if args.seed < 0:
         raise InputError(f"seed: must be >= 0, got {args.seed}")
     cfg = TrainConfig(

@@ -30,10 +30,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._io import atomic_save_npy, atomic_write
+from .._io import atomic_save_npy, atomic_write, fault_point
 from .._io import atomic_write_json as atomic_save_json
 from .._io import sha256_file as file_sha256
-from .._validate import InputError, check_int_vector, check_matrix, check_positive_int, to_tensor
+from .._validate import (
+    InputError,
+    check_device,
+    check_int_vector,
+    check_matrix,
+    check_positive_int,
+    to_tensor,
+)
+from ..provenance import check_model_for_index_keys, fingerprint
 from .kmeans import METRICS, kmeans
 from .routers import (
     CentroidRouter,
@@ -115,6 +123,7 @@ class IVFIndex:
         self.exact = ExactScanner(self.keys_by_list, self.list_offsets)
         self._router_cache: dict[str, Router] = {}
         self._partitions_sha: str | None = None
+        self.inputs: dict | None = None  # provenance: fingerprints of the keys it was built from
 
     # ----------------------------------------------------------------- build
     @classmethod
@@ -146,6 +155,8 @@ class IVFIndex:
         """
         x = check_matrix(to_tensor(keys, "keys"), "keys")
         n_lists = check_positive_int(n_lists, "n_lists", maximum=x.shape[0])
+        if device is not None:
+            device = check_device(device, "device")
         if storage_dtype not in _STORAGE:
             raise InputError(f"storage_dtype: expected one of {sorted(_STORAGE)}, got {storage_dtype!r}")
         dev = torch.device(device) if device is not None else x.device
@@ -181,6 +192,7 @@ class IVFIndex:
             "storage_dtype": storage_dtype,
         }
         index = cls(cents, keys_by_list, offsets, order, metric=metric, meta=meta)
+        index.inputs = {"keys": fingerprint(keys), "partitions": fingerprint(part)}
         if pq_subspaces is not None:
             index.train_pq(
                 subspaces=pq_subspaces, bits=pq_bits,
@@ -288,6 +300,7 @@ class IVFIndex:
         model_d = (getattr(model, "config", {}) or {}).get("d")
         if model_d is not None and int(model_d) != self.d:
             raise InputError(f"router: the model takes d = {model_d}, the index has d = {self.d}")
+        check_model_for_index_keys(model, self)
         if kind in ("keynet", "keynet-route"):
             return KeyNetRouter(model, self.centroids, scan_with="key" if kind == "keynet" else "query")
         return SupportRouter(model, self.n_lists, self.d, self.partitions_digests)
@@ -385,12 +398,16 @@ class IVFIndex:
             self.ids.to(dev), metric=self.metric, pq=self.pq, meta=self.meta,
         )
         out._partitions_sha = self._partitions_sha
+        out.inputs = self.inputs
         return out
 
     # ----------------------------------------------------------------- save / load
     def save(self, path: str | os.PathLike) -> Path:
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
+        # the folder stops looking complete before any of its files changes
+        atomic_write(root / ".incomplete", lambda f: f.write(b"index files are being written\n"))
+        (root / "index.json").unlink(missing_ok=True)
         atomic_save_npy(root / "centroids.npy", self.centroids.cpu().numpy())
         atomic_save_npy(root / "partitions.npy", self.partitions.numpy())
         tensors = {
@@ -399,6 +416,7 @@ class IVFIndex:
             "ids": self.ids.cpu().contiguous(),
         }
         atomic_write(root / "lists.safetensors", lambda f: f.write(_safetensors_bytes(tensors)))
+        fault_point("index-files")
         pq_cfg = None
         if self.pq is not None:
             state = {k: v.detach().cpu().contiguous() for k, v in self.pq.state_dict().items()}
@@ -407,6 +425,8 @@ class IVFIndex:
         elif (root / "pq.safetensors").exists():
             (root / "pq.safetensors").unlink()
         cfg = {
+            "complete": True,
+            "inputs": self.inputs,
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "n_keys": self.n_keys,
@@ -420,6 +440,7 @@ class IVFIndex:
             "meta": self.meta,
         }
         atomic_save_json(root / "index.json", cfg)
+        (root / ".incomplete").unlink(missing_ok=True)
         return root
 
     @classmethod
@@ -446,18 +467,29 @@ class IVFIndex:
         sha = file_sha256(root / "partitions.npy")
         if sha != cfg["partitions_sha256"]:
             raise InputError(f"index: {root}/partitions.npy does not match index.json (modified or corrupt)")
-        tensors = load_file(str(root / "lists.safetensors"))
-        centroids = torch.from_numpy(np.load(root / "centroids.npy"))
-        pq = None
-        if cfg.get("pq"):
-            PQScanner = _pq_class()
-            pq = PQScanner.from_state(load_file(str(root / "pq.safetensors")), cfg["pq"])
-        dev = torch.device(device) if device is not None else torch.device("cpu")
+        dev = check_device(device, "device") if device is not None else torch.device("cpu")
+        from safetensors import SafetensorError
+
+        try:
+            tensors = load_file(str(root / "lists.safetensors"))
+            centroids = torch.from_numpy(np.load(root / "centroids.npy", allow_pickle=False))
+            pq = None
+            if cfg.get("pq"):
+                PQScanner = _pq_class()
+                pq = PQScanner.from_state(load_file(str(root / "pq.safetensors")), cfg["pq"])
+        except (SafetensorError, OSError, EOFError, ValueError, KeyError) as exc:
+            if isinstance(exc, InputError):
+                raise
+            raise InputError(
+                f"index: {root} has a truncated or corrupt file ({exc.__class__.__name__}: "
+                f"{str(exc)[:160]}); rebuild it with `amips index build --overwrite`"
+            ) from None
         index = cls(
             centroids.to(dev), tensors["keys_by_list"].to(dev), tensors["list_offsets"].to(dev),
             tensors["ids"].to(dev), metric=cfg["metric"], pq=pq, meta=cfg.get("meta"),
         )
         index._partitions_sha = sha
+        index.inputs = cfg.get("inputs")
         if index.n_keys != cfg["n_keys"] or index.d != cfg["d"] or index.n_lists != cfg["n_lists"]:
             raise InputError(f"index: {root} arrays disagree with index.json")
         return index

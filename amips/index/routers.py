@@ -144,7 +144,8 @@ def check_model_for_index(model, n_lists: int, partitions_sha256=None) -> None:
     if n_heads != n_lists or (trained_for is not None and int(trained_for) != n_lists):
         raise InputError(
             f"router: the {_model_name(model)} model has {n_heads} heads "
-            f"(trained for {trained_for} partitions) but the index has {n_lists} lists; "
+            f"({'trained without partitions' if trained_for is None else f'trained for {trained_for} partitions'}) "
+            f"but the index has {n_lists} lists; "
             "train it with `amips train --partitions INDEXDIR/partitions.npy` for this index"
         )
     theirs = cfg.get("partitions_sha256")

@@ -10,13 +10,24 @@ import torch
 
 from .._validate import (
     InputError,
+    check_device,
     check_int_vector,
     check_matrix,
     check_positive_int,
     to_tensor,
 )
 from ..kernels.mips_topk import mips_topk_ref
-from .certify import MAX_TOPK, Candidates, KeySource, _certify_and_refine, _merge, _rank_exact
+from .certify import (
+    MAX_TOPK,
+    Candidates,
+    KeySource,
+    _certify_and_refine,
+    _merge,
+    _rank_exact,
+    range_slack,
+    scale_queries,
+    unscale_scores,
+)
 from .screen import (
     _load_shard,
     _screen_partitions,
@@ -50,7 +61,7 @@ def _exact_fallback_topk(q64: torch.Tensor, keys: KeySource, k: int, shard_size:
     best_s = best_i = None
     for a in range(0, keys.n, shard_size):
         b = min(a + shard_size, keys.n)
-        block = keys.shard(a, b, q64.device).double()
+        block = keys.shard64(a, b, q64.device)
         s, i = mips_topk_ref(q64, block, k)
         s, i = s[:, 0], torch.where(i[:, 0] >= 0, i[:, 0] + a, i[:, 0])
         if best_s is not None:
@@ -88,17 +99,33 @@ class BatchLabeler:
             self._cached = shard
         return shard
 
-    def screen(self, q: torch.Tensor, j: int, state: dict[str, Candidates] | None):
-        """Merge shard ``j``'s screened candidates into ``state`` (None at the start)."""
+    def _widen(self, c: Candidates, q: torch.Tensor, shard: _Shard, lossy_queries: bool) -> Candidates:
+        """Add :func:`range_slack` to a screen's bounds: lower bounds move down, upper up."""
+        if shard.norms.numel() == 0:
+            return c
+        qn = torch.linalg.vector_norm(q.double(), dim=1) * (1 + 1e-5)
+        slack = range_slack(qn, shard.norms.max(), q.shape[1], self.keys.lossy or lossy_queries)
+        slack = slack.to(c.err.device)
+        lead = [-1] + [1] * (c.upper.dim() - 1)
+        err = c.err + slack.view(lead + [1])
+        err = err.masked_fill(c.index < 0, 0.0)
+        return Candidates(c.scores, c.index, err, c.upper + slack.view(lead).to(c.upper.device))
+
+    def screen(self, q: torch.Tensor, j: int, state: dict[str, Candidates] | None,
+               q64: torch.Tensor | None = None):
+        """Merge shard ``j``'s screened candidates into ``state`` (None at the start).
+
+        ``q64``: the exact fp64 queries of which ``q`` is the fp32 copy (default ``q``)."""
         state = dict(state or {})
         shard = self.shard(j)
+        lossy_q = q64 is not None and not torch.equal(q.double(), q64)
         k = self.spec.topk or 1
         if self._needs_top_screen:
             if self.spec.topk is None and not _use_kernel(q) and self.precision == "bf16":
                 cand = _screen_top1_cpu_bf16(q, shard)
             else:
                 cand = _screen_topk(q, shard, _screen_width(k, self.precision), self.precision)
-            state["top"] = _merge(state.get("top"), cand, k)
+            state["top"] = _merge(state.get("top"), self._widen(cand, q, shard, lossy_q), k)
         if self.spec.partitions is not None:
             ids = self.spec.partitions[shard.start : shard.start + shard.keys.shape[0]].to(q.device)
             if _use_kernel(q):
@@ -106,7 +133,7 @@ class BatchLabeler:
                 part = _screen_partitions(q, shard, ids, self.spec.n_partitions, kp, self.precision)
             else:
                 part = _screen_partitions_cpu(q, shard, ids, self.spec.n_partitions)
-            state["part"] = _merge(state.get("part"), part, 1)
+            state["part"] = _merge(state.get("part"), self._widen(part, q, shard, lossy_q), 1)
         return state
 
     @property
@@ -114,26 +141,34 @@ class BatchLabeler:
         # with partitions, the exact top-1 is the best of the lists' exact top-1s
         return self.spec.partitions is None or self.spec.topk is not None
 
-    def finish(self, q: torch.Tensor, state: dict[str, Candidates], *,
+    def finish(self, q: torch.Tensor, state: dict[str, Candidates], q64: torch.Tensor | None = None,
+               score_log2: torch.Tensor | None = None, *,
                exact_scores: bool = False) -> tuple[dict[str, np.ndarray], dict]:
-        """Certified results of one batch. ``exact_scores``: also the fp64 scores they were
+        """Certify and refine. ``q64``: exact fp64 queries (default ``q``); ``score_log2``
+        [B]: exponent of the power of two that turns a scaled score into the original one.
+        ``exact_scores``: also the exact fp64 scores of the original problem the results were
         ranked by (``*_score64``), which merging results over key slices needs."""
-        q64 = q.double()
+        if q64 is None:
+            q64 = q.double()
+        self._lossy_q = not torch.equal(q.double(), q64)
         stats = {"queries": int(q.shape[0]), "rescreened_queries": 0, "fallback_queries": 0}
         out = {}
         if self._needs_top_screen:
             out.update(self._finish_top(q, q64, state["top"], stats))
         if self.spec.partitions is not None:
             ps, pi = self._finish_partitions(q64, state["part"], stats)
-            out["partition_score"], out["partition_index"] = ps.float(), pi
-            out["partition_score64"] = ps
+            out["partition_score"], out["partition_index"] = ps, pi
             if not self._needs_top_screen:
                 # best list first by exact score, then by lowest key index among equal scores
                 big = torch.iinfo(torch.int64).max
                 s64, i64 = _rank_exact(ps, pi.masked_fill(pi < 0, big), 1)
-                out["top1_score"], out["top1_index"] = s64[:, 0].float(), i64[:, 0]
-        if not exact_scores:
-            out = {name: t for name, t in out.items() if not name.endswith("_score64")}
+                out["top1_score"], out["top1_index"] = s64[:, 0], i64[:, 0]
+        for name in [n for n in out if n.endswith("_score")]:
+            if exact_scores:  # a power-of-two rescaling is exact in fp64
+                e = score_log2 if score_log2 is not None else torch.zeros(out[name].shape[0])
+                shape = [-1] + [1] * (out[name].dim() - 1)
+                out[name + "64"] = out[name] * torch.pow(2.0, e.double().to(out[name].device)).view(shape)
+            out[name] = unscale_scores(out[name], score_log2, name.replace("_", " ") + "s")
         return {name: t.cpu().numpy() for name, t in out.items()}, stats
 
     def _finish_top(self, q, q64, cand: Candidates, stats: dict) -> dict[str, torch.Tensor]:
@@ -146,7 +181,9 @@ class BatchLabeler:
             stats["rescreened_queries"] = int(bad.numel())
             cand = None
             for j in range(self.n_shards):
-                screened = _screen_topk(q[bad], self.shard(j), _screen_width(k, "fp32") + 3, "fp32")
+                shard = self.shard(j)
+                screened = _screen_topk(q[bad], shard, _screen_width(k, "fp32") + 3, "fp32")
+                screened = self._widen(screened, q[bad], shard, self._lossy_q)
                 cand = _merge(cand, screened, k)
             rs, ri, rok = _certify_and_refine(cand, k, q64[bad], self.keys)
             s[bad], i[bad] = rs, ri
@@ -156,9 +193,9 @@ class BatchLabeler:
             stats["fallback_queries"] = int(bad.numel())
             fs, fi = _exact_fallback_topk(q64[bad], self.keys, k, self.spec.shard_size)
             s[bad], i[bad] = fs, fi
-        out = {"top1_score": s[:, 0].float(), "top1_index": i[:, 0], "top1_score64": s[:, 0]}
+        out = {"top1_score": s[:, 0], "top1_index": i[:, 0]}
         if self.spec.topk is not None:
-            out["topk_score"], out["topk_index"], out["topk_score64"] = s.float(), i, s
+            out["topk_score"], out["topk_index"] = s, i
         return out
 
     def _finish_partitions(self, q64, cand: Candidates, stats: dict):
@@ -218,9 +255,11 @@ class Labeler:
                 raise InputError(f"partition_ids: id {max_id - 1} >= n_partitions = {n_partitions}")
         self.spec = LabelSpec(topk=topk, partitions=ids, n_partitions=n_partitions or 0,
                               precision=precision, shard_size=shard_size)
-        self.device = torch.device(device) if device is not None else (self._keys_device or torch.device("cpu"))
+        self.device = (check_device(device, "device") if device is not None
+                       else (self._keys_device or torch.device("cpu")))
         self.batch_size = (check_positive_int(batch_size, "batch_size") if batch_size is not None
                            else _default_batch_size(self.device, self.spec.n_partitions))
+        self.keys.fit_range()  # NaN/inf check and the power-of-two scale of the keys
         self._batch = BatchLabeler(self.keys, self.spec, self.device)
 
     def __call__(self, queries) -> dict[str, torch.Tensor]:
@@ -235,11 +274,11 @@ class Labeler:
             )
         parts: dict[str, list[np.ndarray]] = {}
         for a in range(0, q.shape[0], self.batch_size):
-            qb = q[a : a + self.batch_size].to(device=self.device, dtype=torch.float32).contiguous()
+            qb, qb64, e = scale_queries(q[a : a + self.batch_size], self.device)
             state = None
             for j in range(self._batch.n_shards):
-                state = self._batch.screen(qb, j, state)
-            out, _ = self._batch.finish(qb, state)
+                state = self._batch.screen(qb, j, state, q64=qb64)
+            out, _ = self._batch.finish(qb, state, q64=qb64, score_log2=e + self.keys.scale_log2)
             for name, arr in out.items():
                 parts.setdefault(name, []).append(arr)
         return {name: _as_output(np.concatenate(arrs), q.device) for name, arrs in parts.items()}

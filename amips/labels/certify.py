@@ -26,6 +26,93 @@ def _cap(k: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------
+# Range: the screen runs in fp32/bf16, whose range is 2^-149 .. 2^128. Finite inputs of any
+# magnitude are brought into it by exact power-of-two scalings (a per-query scale and one
+# key scale), which change no ranking; scores are scaled back in fp64 at the end.
+# ----------------------------------------------------------------------------------------
+# Vectors whose largest |element| lies in [2^-RANGE_LOG2, 2^RANGE_LOG2] are used as they
+# are (the common case: bit-identical to an unscaled run); others are scaled to [0.5, 1).
+# In the scaled domain |q_i k_i| <= 2^60 and sums <= d 2^60 < 2^84: no fp32 overflow.
+RANGE_LOG2 = 30
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+# dtypes whose conversion to fp32 is exact (others add the conversion term of range_slack)
+_EXACT_IN_FP32 = {"float32", "float16", "bfloat16", "int8", "uint8", "int16", "uint16", "bool"}
+
+
+def range_exponent(max_abs: float) -> int:
+    """0 when ``max_abs`` is in the safe range (or 0), else e with max_abs * 2^-e in [0.5, 1)."""
+    if max_abs == 0.0 or 2.0**-RANGE_LOG2 <= max_abs <= 2.0**RANGE_LOG2:
+        return 0
+    return math.frexp(max_abs)[1]
+
+
+def range_slack(qn: torch.Tensor, key_norm: torch.Tensor, d: int, lossy: bool) -> torch.Tensor:
+    """Extra error of a screened score beyond the kernel bound ``c ||q|| ||k||``, per query.
+
+    The kernel bound (``screening_error_bound``) assumes the fp32 operands ARE the inputs and
+    that no product underflows. Two terms make it hold for any finite input:
+    - conversion of fp64 (or wide-integer) inputs, or of scaled inputs, to fp32: relative
+      error u = 2^-24 per operand, so ``|<q,k> - <q32,k32>| <= (2u + u^2) ||q|| ||k||``
+      (added when ``lossy``);
+    - gradual underflow: a product or an operand below 2^-126 (fp32) or in bf16's subnormal
+      range loses at most 2^-134 absolutely, so at most ``2^-130 (sqrt(d)(||q|| + ||k||) + d)``
+      over a dot product.
+    """
+    qn = qn.double()
+    k = key_norm.double().to(qn.device)
+    # the bound's own range assumption: after scaling, norms stay far inside fp32 (<= 2^84)
+    if not (bool((qn <= 2.0**100).all()) and float(k) <= 2.0**100):
+        raise RuntimeError(
+            "labels: norms beyond 2^100 reached the fp32 screen unscaled; the certification "
+            "bound does not hold there (a bug in the range scaling: please report it)"
+        )
+    slack = 2.0**-130 * (math.sqrt(d) * (qn + k) + d)
+    if lossy:
+        slack = slack + 2.0**-23 * (1 + 2.0**-16) * qn * k
+    return slack
+
+
+def scale_queries(block, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fp32 screen copy, exact fp64 copy, per-row exponent e) of a query block: each row
+    is multiplied by 2^-e (exact), e = 0 for rows already in the safe range."""
+    q64 = (block if isinstance(block, torch.Tensor) else torch.from_numpy(np.asarray(block)))
+    q64 = q64.to(device=device, dtype=torch.float64)
+    m = q64.abs().amax(1) if q64.shape[1] else torch.zeros(q64.shape[0], dtype=torch.float64)
+    if not bool(torch.isfinite(m).all()):
+        raise InputError("queries: contains NaN or inf values")
+    outside = (m > 2.0**RANGE_LOG2) | ((m < 2.0**-RANGE_LOG2) & (m > 0))
+    e = torch.zeros(q64.shape[0], dtype=torch.int64, device=device)
+    if bool(outside.any()):
+        e = torch.where(outside, torch.frexp(m).exponent.long(), e)
+        q64 = q64 * torch.pow(2.0, -e.double())[:, None]  # exact: powers of two
+    return q64.float(), q64, e
+
+
+def unscale_scores(s64: torch.Tensor, e: torch.Tensor | None, name: str = "scores") -> torch.Tensor:
+    """Exact fp64 scores of the scaled problem -> fp32 scores of the original one.
+
+    Raises InputError when an exact score lies beyond the fp32 range of the outputs: the
+    ranking is exact, but the score cannot be returned as float32.
+    """
+    out = s64
+    if e is not None and bool((e != 0).any()):
+        shape = [-1] + [1] * (s64.dim() - 1)
+        out = s64 * torch.pow(2.0, e.double().to(s64.device)).view(shape)
+    finite_in = torch.isfinite(s64)
+    too_big = finite_in & (~torch.isfinite(out) | (out.abs() > FLOAT32_MAX))
+    if bool(too_big.any()):
+        peak = float(out[finite_in].abs().max())
+        peak_txt = f"{peak:.3g}" if math.isfinite(peak) else "beyond 1e308"
+        raise InputError(
+            f"queries, keys: the exact {name} reach {peak_txt}, beyond the float32 range of "
+            f"the outputs (|score| <= 3.4e38); the labels would be exact but their scores "
+            f"cannot be stored: scale the queries or the keys down (by a power of two, e.g. "
+            f"keys * 2**-64, which changes no label)"
+        )
+    return out.float()
+
+
+# ----------------------------------------------------------------------------------------
 # Key sources: in-memory tensors or (memory-mapped) numpy arrays, read shard by shard.
 # ----------------------------------------------------------------------------------------
 class KeySource:
@@ -51,12 +138,47 @@ class KeySource:
                 f"{name}: expected a numpy array or a torch tensor, got {type(keys).__name__}"
             )
         self.n, self.d = (int(x) for x in (keys.shape[0], keys.shape[1]))
+        self.scale_log2 = 0  # keys are read as keys * 2^-scale_log2 (see fit_range)
+        self.lossy = str(keys.dtype).replace("torch.", "") not in _EXACT_IN_FP32
+
+    def max_abs(self, chunk: int = 65536) -> float:
+        best = 0.0
+        for a in range(0, self.n, chunk):
+            if self._tensor is not None:
+                block = self._tensor[a : a + chunk].to(torch.float64)
+                value = float(block.abs().amax()) if block.numel() else 0.0
+            else:
+                block = np.asarray(self._array[a : a + chunk], dtype=np.float64)
+                value = float(np.abs(block).max()) if block.size else 0.0
+            if not math.isfinite(value):
+                raise InputError(f"{self.name}: contains NaN or inf values (rows {a}..{min(a + chunk, self.n) - 1})")
+            best = max(best, value)
+        return best
+
+    def fit_range(self) -> None:
+        """Check the keys (NaN/inf) and choose the power-of-two scale that keeps every fp32
+        product in range (0, i.e. none, for keys with max |element| in [2^-30, 2^30])."""
+        self.scale_log2 = range_exponent(self.max_abs())
+        if self.scale_log2:
+            self.lossy = True  # fp32 copies of scaled keys may round (subnormals)
 
     @property
     def device(self) -> torch.device:
         return self._tensor.device if self._tensor is not None else torch.device("cpu")
 
+    def shard64(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        """Rows ``start:stop`` in fp64, scaled (exact), for the fp64 fallback scans."""
+        if self._tensor is not None:
+            block = self._tensor[start:stop].to(device=device, dtype=torch.float64)
+        else:
+            block = torch.from_numpy(np.array(self._array[start:stop], dtype=np.float64)).to(device)
+        if self.scale_log2:
+            block = block * 2.0**-self.scale_log2
+        return block.contiguous()
+
     def shard(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        if self.scale_log2:
+            return self.shard64(start, stop, device).float().contiguous()
         if self._tensor is not None:
             block = self._tensor[start:stop].to(device=device, dtype=torch.float32)
         else:
@@ -71,9 +193,11 @@ class KeySource:
     def rows64(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
         """fp64 rows for the (sorted, unique) key indices ``index``."""
         if self._tensor is not None:
-            return self._tensor[index.to(self._tensor.device)].to(device=device, dtype=torch.float64)
-        rows = self._array[index.cpu().numpy()]
-        return torch.from_numpy(np.asarray(rows, dtype=np.float64)).to(device)
+            rows = self._tensor[index.to(self._tensor.device)].to(device=device, dtype=torch.float64)
+        else:
+            rows = self._array[index.cpu().numpy()]
+            rows = torch.from_numpy(np.asarray(rows, dtype=np.float64)).to(device)
+        return rows * 2.0**-self.scale_log2 if self.scale_log2 else rows
 
 
 # ----------------------------------------------------------------------------------------

@@ -21,13 +21,16 @@ from .._io import (
     atomic_write_bytes,
     file_fingerprint,
 )
+from .._io import fault_point as _fault_point
 from .._validate import (
     InputError,
+    check_device,
     check_int_vector,
     check_positive_int,
 )
+from ..provenance import fingerprint
 from .batch import BatchLabeler, LabelSpec, _default_batch_size
-from .certify import MAX_TOPK, Candidates, KeySource
+from .certify import MAX_TOPK, Candidates, KeySource, scale_queries
 from .screen import resolve_precision
 
 # ----------------------------------------------------------------------------------------
@@ -94,9 +97,7 @@ def run_label_job(
     if topk is not None:
         topk = check_positive_int(topk, "topk", maximum=MAX_TOPK)
     shard_size = check_positive_int(shard_size, "shard_size")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device: cuda requested but no CUDA device is available")
+    dev = check_device(device, "device")
     precision_used = resolve_precision(precision, dev)
 
     part_ids = None
@@ -126,11 +127,13 @@ def run_label_job(
     key_lo, key_hi = _dist.key_range(keys_arr.shape[0], rank, world)
     manifest_path = out / MANIFEST
     partial = out / PARTIAL_DIR
+    if out.exists() and not out.is_dir():
+        raise InputError(f"out: {out} exists and is not a folder; choose a folder for the labels")
 
     def decide():
         if manifest_path.exists() and not partial.exists():
-            done = json.loads(manifest_path.read_text())
-            if done.get("job") == job and not overwrite:
+            done = _read_manifest(manifest_path)
+            if done.get("job") == job and done.get("complete") and not overwrite:
                 if progress:
                     print(f"labels in {out} are complete and match this job; nothing to do")
                 return done
@@ -139,8 +142,12 @@ def run_label_job(
                     f"out: {out} already holds labels of a different job; pass --overwrite or use another folder"
                 )
         out.mkdir(parents=True, exist_ok=True)
-        if overwrite and partial.exists():
-            shutil.rmtree(partial)
+        if overwrite:
+            # the old labels stop being complete-looking before anything new is written
+            for stale in [MANIFEST, *OUTPUT_FILES.values()]:
+                (out / stale).unlink(missing_ok=True)
+            if partial.exists():
+                shutil.rmtree(partial)
         partial.mkdir(exist_ok=True)
         return None
 
@@ -165,6 +172,9 @@ def run_label_job(
 
     nq = queries_arr.shape[0]
     keys_src = KeySource(keys_arr[key_lo:key_hi], "keys")
+    # NaN/inf check and the power-of-two scale of this rank's keys (one pass); ranks merge
+    # exact fp64 scores of the original problem, so their scales need not agree
+    _dist.on_every_rank(keys_src.fit_range, "labels")
     spec = LabelSpec(topk=topk, partitions=part_ids[key_lo:key_hi] if part_ids is not None else None,
                      n_partitions=n_partitions, precision=precision_used, shard_size=shard_size)
     labeler = BatchLabeler(keys_src, spec, dev)
@@ -183,10 +193,10 @@ def run_label_job(
             bar.update(labeler.n_shards)
             continue
         a, z = b * batch_size, min((b + 1) * batch_size, nq)
-        block = np.array(queries_arr[a:z], dtype=np.float32, order="C")
+        block = np.array(queries_arr[a:z], dtype=np.float64, order="C")
         if not np.isfinite(block).all():
             raise InputError(f"queries: contains NaN or inf values (rows {a}..{z - 1})")
-        q = torch.from_numpy(block).to(dev)
+        q, q64, q_log2 = scale_queries(block, dev)
         state_file = work / f"batch_{b:06d}.state.pt"
         state, first = None, 0
         if state_file.exists():
@@ -195,13 +205,14 @@ def run_label_job(
             state = {name: Candidates(**saved[name]) for name in ("top", "part") if name in saved}
             bar.update(first)
         for j in range(first, labeler.n_shards):
-            state = labeler.screen(q, j, state)
+            state = labeler.screen(q, j, state, q64=q64)
             if labeler.n_shards > 1 and j + 1 < labeler.n_shards:
                 blob = {name: c.to("cpu").state() for name, c in state.items()}
                 blob["next_shard"] = j + 1
                 atomic_torch_save(state_file, blob)
             bar.update(1)
-        result, stats = labeler.finish(q, state, exact_scores=world > 1)
+        result, stats = labeler.finish(q, state, q64=q64, score_log2=q_log2 + keys_src.scale_log2,
+                                       exact_scores=world > 1)
         if key_lo:  # this rank's key slice starts at key_lo: global key indices
             for name in [n for n in result if n.endswith("_index")]:
                 result[name] = np.where(result[name] >= 0, result[name] + key_lo, result[name])
@@ -213,7 +224,10 @@ def run_label_job(
             state_file.unlink()
     bar.close()
 
-    # Assemble outputs from the committed batches, each file written atomically.
+    # Assemble outputs from the committed batches, each file written atomically. A manifest
+    # from an earlier job goes first, so a kill between two output files never leaves a
+    # folder that looks complete.
+    manifest_path.unlink(missing_ok=True)
     names = ["top1_index", "top1_score"]
     if topk is not None:
         names += ["topk_index", "topk_score"]
@@ -239,11 +253,18 @@ def run_label_job(
         else:
             arr = arr.astype(np.float32)
         atomic_save_npy(out / OUTPUT_FILES[name], arr)
+        _fault_point("labels-outputs")
     for p in parts:
         if hasattr(p, "close"):
             p.close()
     elapsed = time.perf_counter() - t0
     manifest = {
+        "complete": True,
+        "inputs": {
+            "keys": fingerprint(keys_arr),
+            "queries": fingerprint(queries_arr),
+            "partitions": fingerprint(part_ids) if part_ids is not None else None,
+        },
         "job": job,
         "outputs": {name: OUTPUT_FILES[name] for name in names},
         "n_queries": int(nq),
@@ -272,6 +293,13 @@ def _gather_merged(work: Path, n_batches: int, topk: int | None, partitions: boo
         if parts is not None:
             merged.append(_dist.merge_label_parts(parts, topk, partitions))
     return merged
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}  # a corrupt manifest is treated as absent: the job is redone
 
 
 def _screen_description(device: torch.device, precision: str, topk: int | None, partitions: bool) -> dict:
