@@ -432,6 +432,12 @@ def topk(model, queries, k: int, method: str = "exact", *, items=None, exclude=N
     nprobe = _check_int(params.pop("nprobe", 8), "nprobe")
     if nlist is not None:
         nlist = _check_int(nlist, "nlist")
+    allowed = {"exact": {"backend", "extra", "screen_margin"},
+               "bound": {"kprime", "max_kprime", "margin", "range_margin"}}.get(method)
+    if allowed is not None:
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            raise InputError(f"{unknown[0]}: not a parameter of method {method!r}")
     with torch.no_grad():
         if method == "exact":
             s, i, stats = _exact(head, qp, cache, k_fetch, **params)
