@@ -134,9 +134,12 @@ def test_exact_and_bound_equal_full_canonical_ranking(seed):
     ref_s, ref_i = _full_rank(h, qp, cache, 10)
     s, i = am.topk(h, q, 10, "exact", items=cache, backend="torch")
     assert torch.equal(i, ref_i) and torch.equal(s, ref_s)
-    s, i, stats = am.topk(h, q, 10, "bound", items=cache, kprime=4, max_kprime=16, return_stats=True)
-    assert torch.equal(i, ref_i) and torch.equal(s, ref_s)
-    assert 0 < stats["items_scored"] <= 2 * cache.n
+    for lists in ("max_logit", "per_pair"):
+        for search in ("mm", "exact"):
+            s, i, stats = am.topk(h, q, 10, "bound", items=cache, lists=lists, kprime=4,
+                                  max_kprime=16, search=search, return_stats=True)
+            assert torch.equal(i, ref_i) and torch.equal(s, ref_s), (lists, search)
+            assert 0 < stats["items_scored"] <= 2 * cache.n
 
 
 def test_bound_planted_ties_lower_id_first():
@@ -146,8 +149,9 @@ def test_bound_planted_ties_lower_id_first():
     cache = h.item_cache(x)
     q = torch.randn(4, 12)
     s_e, i_e = am.topk(h, q, 12, "exact", items=cache, backend="torch")
-    s_b, i_b = am.topk(h, q, 12, "bound", items=cache, kprime=2, max_kprime=8)
-    assert torch.equal(i_e, i_b) and torch.equal(s_e, s_b)
+    for lists in ("max_logit", "per_pair"):
+        s_b, i_b = am.topk(h, q, 12, "bound", items=cache, lists=lists, kprime=2, max_kprime=8)
+        assert torch.equal(i_e, i_b) and torch.equal(s_e, s_b)
     for row_s, row_i in zip(s_e, i_e):
         for a in range(11):  # equal scores come in (lower id, its twin) order
             if row_s[a] == row_s[a + 1]:
