@@ -233,10 +233,15 @@ def mol_tile_max(query_components, query_gate, items, item_gate, w1, b1, w2, b2,
     bn = cfg["BLOCK_N"]
     n_tiles = (n + bn - 1) // bn
 
+    # The interpreter mis-converts bf16 (numpy has none): it screens an fp32 copy instead.
+    run_dtype = torch.float32 if (items.dtype == torch.bfloat16 and not items.is_cuda) else items.dtype
+    if run_dtype != items.dtype:
+        cfg["DOT_PRECISION"] = "ieee"
+
     def launch():
-        qbd = block_diagonal_queries(query_components, p_x, items.dtype)
+        qbd = block_diagonal_queries(query_components, p_x, run_dtype)
         qg = query_gate.float().contiguous()
-        x = items.reshape(n, p_x * d).contiguous()
+        x = items.reshape(n, p_x * d).to(run_dtype).contiguous()
         ig = item_gate.float().contiguous()
         w1t = w1.T.to(torch.float16).contiguous()
         w2t = w2.T.to(torch.float16).contiguous()
@@ -253,6 +258,8 @@ def mol_tile_max(query_components, query_gate, items, item_gate, w1, b1, w2, b2,
                 BLOCK_H=cfg["BLOCK_H"], BLOCK_N=bn, DOT_PRECISION=cfg["DOT_PRECISION"],
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
+        if bool(torch.isnan(out).any()):  # a miscompiled screen must not drop tiles silently
+            raise RuntimeError("_mol_tile_max_kernel produced NaN tile maxima")
         return out
 
     return launch_or_fallback("_mol_tile_max_kernel", launch, lambda: reference(bn)), bn

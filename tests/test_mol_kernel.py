@@ -37,8 +37,9 @@ def test_tile_max_matches_reference(dtype, n):
     assert (got - pad.view(3, -1, 16).amax(-1)).abs().max().item() < mk.screen_margin(dtype) / h.tau / 10
 
 
-def test_exact_through_kernel_equals_torch_path():
-    h, cache, qp, _ = _setup(seed=1, n=130)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_exact_through_kernel_equals_torch_path(dtype):
+    h, cache, qp, _ = _setup(seed=1, n=130, dtype=dtype)
     s_k, i_k, st = am.topk(h, qp, 7, "exact", items=cache, backend="triton", return_stats=True)
     s_t, i_t = am.topk(h, qp, 7, "exact", items=cache, backend="torch")
     ids = torch.arange(130).repeat(3, 1)
