@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import amips.mol as am  # noqa: E402
 from bench._common import OUT, device_name, git_sha, write_csv  # noqa: E402
 
-
 # --- a briefly trained head on a synthetic multi-interest task --------------------------------
 
 class Synthetic:
@@ -217,7 +216,7 @@ def main(argv=None):
             ax.scatter(best * 1000 / queries.shape[0], recall)
             ax.annotate(name, (best * 1000 / queries.shape[0], recall), fontsize=6)
         ax.set_xscale("log")
-        ax.set_xlabel("ms per query (batch of %d, CPU, best of %d)" % (queries.shape[0], args.repeats))
+        ax.set_xlabel(f"ms per query (batch of {queries.shape[0]}, CPU, best of {args.repeats})")
         ax.set_ylabel(f"recall@{args.k} of exact")
         ax.set_title(f"MoL top-{args.k}, {args.items} items ({source})", fontsize=9)
         fig.tight_layout()
