@@ -36,7 +36,9 @@ def register(subparsers) -> None:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--weight-decay", type=float, default=1e-3)
     t.add_argument("--negatives", type=int, default=128, help="uniformly sampled negatives per step")
-    t.add_argument("--inbatch-negatives", type=int, default=128, help="in-batch negatives per step")
+    t.add_argument("--inbatch-negatives", type=int, default=32, help="in-batch negatives per step")
+    t.add_argument("--max-positions", type=int, default=1024,
+                   help="positions per step the loss is taken on (0: all; raise it on a GPU)")
     size = t.add_argument_group("model size")
     size.add_argument("--d", type=int, default=64, help="encoder width (query and item representation)")
     size.add_argument("--layers", type=int, default=2)
@@ -45,7 +47,7 @@ def register(subparsers) -> None:
     size.add_argument("--p-q", type=int, default=4, help="MoL query components")
     size.add_argument("--p-x", type=int, default=4, help="MoL item components")
     size.add_argument("--d-p", type=int, default=32, help="MoL component dimension")
-    size.add_argument("--gate-hidden", type=int, default=64)
+    size.add_argument("--gate-hidden", type=int, default=32)
     size.add_argument("--tau", type=float, default=0.05)
     t.add_argument("--drop-short-users", action="store_true",
                    help="drop users with fewer than 3 interactions instead of failing")
@@ -107,7 +109,7 @@ def run_train(args) -> int:
                  p_q=args.p_q, p_x=args.p_x, d_p=args.d_p, gate_hidden=args.gate_hidden, tau=args.tau)
     cfg = FitConfig(similarity=args.similarity, epochs=args.epochs, patience=args.patience,
                     batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                    n_uniform=args.negatives, n_inbatch=args.inbatch_negatives, seed=args.seed,
+                    n_uniform=args.negatives, n_inbatch=args.inbatch_negatives, max_positions=args.max_positions, seed=args.seed,
                     checkpoint_every=args.checkpoint_every, model=model)
     m = fit(args.ratings, args.out, cfg, device=_device(args.device), resume=args.resume,
             overwrite=args.overwrite, progress=not args.quiet, drop_short=args.drop_short_users,

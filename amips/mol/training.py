@@ -2,7 +2,9 @@
 
 Examples: every training position of every user (the items before the validation target),
 cut into windows of ``max_len`` inputs from the most recent backwards; the target of each
-position is the next item. Loss: sampled softmax over the positive, ``n_uniform`` items
+position is the next item. The encoder runs on every position of a batch of windows; the
+loss is taken on at most ``max_positions`` of them, drawn at random each step (0: all), which
+bounds the cost of the MoL head (positions x negatives x L gate evaluations) per step. Loss: sampled softmax over the positive, ``n_uniform`` items
 drawn uniformly from the catalogue and ``n_inbatch`` positives of other positions of the
 batch, with the log expected count of each negative subtracted from its logit (the
 "logQ" correction, which makes the sampled softmax estimate the full one under this mixed
@@ -63,7 +65,8 @@ class FitConfig:
     weight_decay: float = 1e-3
     warmup: int = 100
     n_uniform: int = 128
-    n_inbatch: int = 128
+    n_inbatch: int = 32
+    max_positions: int = 1024
     load_balancing: float = 1e-3
     clip: float = 1.0
     seed: int = 0
@@ -79,7 +82,7 @@ class FitConfig:
                 raise InputError(f"{name.replace('_', '-')}: must be an integer >= 1, got {v!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise InputError(f"seed: must be an integer >= 0, got {self.seed!r}")
-        for name in ("n_uniform", "n_inbatch", "warmup"):
+        for name in ("n_uniform", "n_inbatch", "warmup", "max_positions"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise InputError(f"{name.replace('_', '-')}: must be an integer >= 0, got {v!r}")
@@ -290,7 +293,11 @@ def fit(ratings, out, cfg: FitConfig | None = None, *, device: str = "cpu", resu
             inputs, targets = batch[:, :-1], batch[:, 1:]
             hidden = model.encoder(inputs)
             valid = (targets > 0) & (inputs > 0)
-            loss = sampled_softmax_loss(model, hidden[valid], targets[valid] - 1, log_freq, cfg, gen)
+            hid, tgt = hidden[valid], targets[valid] - 1
+            if cfg.max_positions and tgt.numel() > cfg.max_positions:
+                pick = torch.randperm(tgt.numel(), generator=gen)[:cfg.max_positions].to(dev)
+                hid, tgt = hid[pick], tgt[pick]
+            loss = sampled_softmax_loss(model, hid, tgt, log_freq, cfg, gen)
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
             opt.zero_grad(set_to_none=True)
