@@ -236,6 +236,10 @@ def fit(ratings, out, cfg: FitConfig | None = None, *, device: str = "cpu", resu
                "ratings": fingerprint}
     if resume:
         old = json.loads((out / CONFIG).read_text())
+        # epochs and patience may change on resume (extend or cut a run): neither enters the
+        # per-step computation, so the steps both runs share stay identical.
+        for part in (old, run_cfg):
+            part["fit"] = {k: v for k, v in part["fit"].items() if k not in ("epochs", "patience")}
         for key in ("similarity", "fit", "model", "n_items", "n_users", "n_interactions"):
             if old.get(key) != run_cfg[key]:
                 raise InputError(f"resume: the run in {out} was started with a different {key} "
@@ -243,7 +247,7 @@ def fit(ratings, out, cfg: FitConfig | None = None, *, device: str = "cpu", resu
         if old["ratings"]["size"] != fingerprint["size"] or \
                 old["ratings"]["sha256_head_tail"] != fingerprint["sha256_head_tail"]:
             raise InputError(f"ratings: differs from the file the run in {out} was started on")
-        run_cfg = old
+        run_cfg = json.loads((out / CONFIG).read_text())
 
     torch.manual_seed(cfg.seed)
     model = SeqRecModel(inter.n_items, cfg.similarity, cfg.model).to(dev)
