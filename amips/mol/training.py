@@ -266,6 +266,8 @@ def fit(ratings, out, cfg: FitConfig | None = None, *, device: str = "cpu", resu
              "bad_epochs": 0, "done": False, "history": [], "train_seconds": 0.0}
     if resume and (out / CHECKPOINT).exists():
         state = _load_state(out / CHECKPOINT, model, opt)
+        # a finished run continues when resumed with more --epochs or a larger --patience
+        state["done"] = state["bad_epochs"] >= cfg.patience or state["epoch"] >= cfg.epochs
     if not resume or not (out / INTERACTIONS).exists():
         out.mkdir(parents=True, exist_ok=True)
         data = save({k: v.contiguous() for k, v in interactions_tensors(inter).items()})
