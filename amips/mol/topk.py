@@ -40,7 +40,7 @@ from .._validate import InputError
 from .similarity import ItemCache, MoL, QueryParts, score_all, score_candidates
 
 METHODS = ("exact", "per_embedding", "averaged", "combined", "bound")
-SEARCHES = ("exact", "ivf")
+SEARCHES = ("exact", "mm", "ivf")
 # The CPU fp32 screen is trusted to within SCREEN_MARGIN / tau of the canonical score
 # (about 2,000 fp32 ulps at |phi| = 1/tau; the measured error is ~1e-5 / tau, tests check).
 SCREEN_MARGIN = 2.0**-14
@@ -117,6 +117,11 @@ def _ip_search(cache: ItemCache, key: tuple, keys_fn, queries: torch.Tensor, kpr
 
     n = cache.n
     kprime = min(kprime, n)
+    if search == "mm":
+        keys = cache.extras.get(("keys",) + key)
+        if keys is None:
+            keys = cache.extras[("keys",) + key] = keys_fn().float().contiguous()
+        return _blocked_ip_topk(queries, keys, kprime)
     if search == "exact":
         if kprime <= MAX_TOPK:
             labeler = cache.extras.get(("labeler",) + key + (kprime,))
@@ -246,12 +251,81 @@ def _approximate(head, qp, cache, k, lists):
     return s, i, {"items_scored": scored.double().mean().item()}
 
 
-def _bound(head, qp, cache, k, *, kprime: int = 32, max_kprime: int = 128,
-           margin: float = BOUND_MARGIN, range_margin: float = RANGE_MARGIN):
+def _bound(head, qp, cache, k, *, lists: str = "max_logit", kprime: int | None = None,
+           max_kprime: int = 128, margin: float = BOUND_MARGIN,
+           range_margin: float = RANGE_MARGIN, search: str = "mm"):
+    if lists == "max_logit":
+        return _bound_max_logit(head, qp, cache, k, kprime=kprime, margin=margin,
+                                range_margin=range_margin)
+    if lists != "per_pair":
+        raise InputError(f"lists: expected 'max_logit' or 'per_pair', got {lists!r}")
+    return _bound_per_pair(head, qp, cache, k, kprime=kprime or 32, max_kprime=max_kprime,
+                           margin=margin, range_margin=range_margin, search=search)
+
+
+@torch.no_grad()
+def _max_pair_logits(head, qp, cache) -> torch.Tensor:
+    """[nq, N] fp32: every item's largest computed pair logit (blocked fp32 products)."""
+    nq, n = qp.n, cache.n
+    qc = qp.components.float().flatten(0, 1)
+    out = torch.empty(nq, n, dtype=torch.float32, device=cache.device)
+    block = max(256, (1 << 18) // max(1, qc.shape[0]))
+    for a in range(0, n, block):
+        b = min(n, a + block)
+        logits = qc @ cache.components[a:b].float().flatten(0, 1).T
+        out[:, a:b] = logits.view(nq, head.p_q, b - a, head.p_x).amax(dim=(1, 3))
+    return out
+
+
+def _bound_max_logit(head, qp, cache, k, *, kprime, margin, range_margin):
+    """phi(x) <= max_p l_p(x) / tau for every item: one pass of pair logits (no pair MLP)
+    gives each item its bound m(x); the top-k' items by m are re-scored (S = their k-th
+    canonical score); every item with m(x) >= S * tau - range_margin is re-scored too."""
+    n, dev = cache.n, cache.device
+    kprime = min(n, _check_int(kprime, "kprime") if kprime is not None else max(4 * k, 64))
+    kprime = max(kprime, k)
+    out_s, out_i, scored = [], [], []
+    certified = 0
+    # [chunk, N] bounds at a time (<= 64 MiB).
+    chunk = max(1, (1 << 24) // n)
+    for a in range(0, qp.n, chunk):
+        sub = qp.take(slice(a, a + chunk))
+        m = _max_pair_logits(head, sub, cache)
+        top_m, top_i = m.topk(kprime, dim=1)
+        cand = _dedupe(top_i)
+        s_k, _ = rank(score_candidates(head, sub, cache, cand), cand, k)
+        thr = s_k[:, -1:].double() * head.tau - range_margin
+        # Items above the threshold (always includes every item that can reach S).
+        hit = m.double() >= thr
+        hit.scatter_(1, top_i, True)
+        counts = hit.sum(1)
+        certified += int((counts <= kprime).sum())
+        width = int(counts.max())
+        ids = hit.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :width]
+        ids = ids.masked_fill(torch.arange(width, device=dev)[None] >= counts[:, None], -1)
+        s, i, c = _rescore_rank(head, sub, cache, ids, k)
+        out_s.append(s)
+        out_i.append(i)
+        scored.append(c.double() + kprime * (counts > kprime).double())
+    stats = {"items_scored": torch.cat(scored).mean().item(), "items_bounded": float(n),
+             "certified_first": certified}
+    return torch.cat(out_s), torch.cat(out_i), stats
+
+
+def _bound_per_pair(head, qp, cache, k, *, kprime: int = 32, max_kprime: int = 128,
+                    margin: float = BOUND_MARGIN, range_margin: float = RANGE_MARGIN,
+                    search: str = "mm"):
     from ..labels import MAX_TOPK
 
     kprime = _check_int(kprime, "kprime")
-    max_kprime = min(_check_int(max_kprime, "max_kprime"), MAX_TOPK)
+    max_kprime = _check_int(max_kprime, "max_kprime")
+    if search == "exact":
+        max_kprime = min(max_kprime, MAX_TOPK)
+    elif search != "mm":
+        raise InputError(f"search: bound needs complete per-pair lists: 'mm' or 'exact', got {search!r}")
+    # Lists from fp32 products: an unlisted item's true logit is at most the list's k'-th
+    # computed logit plus the fp32 dot error (<= d * 2^-24 * |f| |g|, far below range_margin).
+    list_slack = range_margin if search == "mm" else 0.0
     n, nq, dev = cache.n, qp.n, cache.device
     out_s = torch.empty(nq, k, dtype=torch.float32, device=dev)
     out_i = torch.empty(nq, k, dtype=torch.long, device=dev)
@@ -262,11 +336,11 @@ def _bound(head, qp, cache, k, *, kprime: int = 32, max_kprime: int = 128,
     first = True
     while pending.numel():
         sub = qp.take(pending)
-        ids, kth = _per_pair_lists(head, sub, cache, kp, "exact", None, 1)
+        ids, kth = _per_pair_lists(head, sub, cache, kp, search, None, 1)
         cand = _dedupe(ids)
         s_k, i_k = rank(score_candidates(head, sub, cache, cand), cand, k)
         scored[pending.cpu()] += (cand >= 0).sum(1).double().cpu()
-        upper = kth.double().max(1).values / head.tau
+        upper = (kth.double().max(1).values + list_slack) / head.tau
         upper = upper + margin * upper.abs().clamp_min(1.0 / head.tau)
         ok = (s_k[:, -1].double() > upper) | torch.tensor(kp >= n, device=dev)
         out_s[pending[ok]] = s_k[ok]
@@ -425,6 +499,7 @@ def topk(model, queries, k: int, method: str = "exact", *, items=None, exclude=N
     excl = _exclusions(exclude, qp.n, item_ids, cache.n)
     k_fetch = k if excl is None else min(cache.n, k + max(int(r.numel()) for r in excl))
     t0 = time.perf_counter()
+    given = set(params)
     search = params.pop("search", "exact")
     if search not in SEARCHES:
         raise InputError(f"search: expected one of {SEARCHES}, got {search!r}")
@@ -432,6 +507,14 @@ def topk(model, queries, k: int, method: str = "exact", *, items=None, exclude=N
     nprobe = _check_int(params.pop("nprobe", 8), "nprobe")
     if nlist is not None:
         nlist = _check_int(nlist, "nlist")
+    allowed = {"exact": {"backend", "extra", "screen_margin"},
+               "bound": {"lists", "kprime", "max_kprime", "margin", "range_margin"}}.get(method)
+    if allowed is not None:
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            raise InputError(f"{unknown[0]}: not a parameter of method {method!r}")
+    if method == "bound":
+        params["search"] = search if "search" in given else "mm"
     with torch.no_grad():
         if method == "exact":
             s, i, stats = _exact(head, qp, cache, k_fetch, **params)
