@@ -31,8 +31,26 @@ with ``G`` the cotangent reaching ``gpre``, ``d/dg = G * act'(pre)``, and
 terms of each first-order output. No layer is recomputed.
 
 Shapes and dtypes: fp32 or bf16 activations (bf16 on GPU only), fp32 parameters, fp32
-accumulation. fp32 dots use ``input_precision="ieee"`` unless torch allows tf32 on CUDA.
-No ties: this op is a dense GEMM.
+accumulation. No ties: this op is a dense GEMM.
+
+Precision (a deliberate choice, :func:`icnn_precision`): every GEMM of a layer, forward and
+backward, multiplies in the precision the activations ask for:
+
+- bf16 activations (the training loop's default on CUDA, bf16 autocast): bf16 tensor-core
+  products with fp32 accumulation, in the forward and in both backward GEMMs (``gpre`` and
+  the weights are rounded to bf16 as loaded, as torch's autocast does for its matmuls).
+- fp32 activations follow torch's own switch for fp32 matmuls,
+  ``torch.backends.cuda.matmul.allow_tf32``: tf32 tensor cores when it is on
+  (``torch.set_float32_matmul_precision("high")``), otherwise exact fp32 (``ieee``, FMA
+  units, no tensor cores). Torch leaves the switch off by default, so fp32 training
+  (``amips train --no-bf16``) computes what the same model in plain torch computes; it is
+  the exact path, chosen on purpose, and it is slower than tf32 (the user who wants speed
+  keeps bf16 autocast or turns tf32 on). The ``ieee`` tiles are sized so they do not
+  spill (audited).
+
+Launch configuration: :func:`icnn_launch_config` is a pure function of the GEMM's shape,
+precision and the device's properties; the launchers call it on CUDA and ``audit_cases``
+walks the production shapes (widths 256..2048, batch 4096) through it.
 """
 
 from __future__ import annotations
@@ -41,7 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ._backend import interpreter_on, triton_available, use_triton
+from ._audit import AuditCase, DeviceSpec, dedupe, device_spec
+from ._backend import launch_or_fallback, triton_available, use_triton
 
 if triton_available():
     import triton
@@ -72,6 +91,15 @@ if triton is not None:
         else:
             d = tl.full(pre.shape, 1.0, tl.float32)
         return d
+
+    @triton.jit
+    def _mma(a, b, PRECISION: tl.constexpr):
+        # "bf16": tensor-core bf16 product (operands rounded as loaded), fp32 accumulation;
+        # "tf32"/"ieee": fp32 operands at that input precision.
+        if PRECISION == "bf16":
+            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+        else:
+            return tl.dot(a, b, input_precision=PRECISION)
 
     @triton.jit
     def _icnn_fwd_kernel(
@@ -108,7 +136,7 @@ if triton is not None:
                 ).to(tl.float32)
                 # positivity applied as loaded; masked entries must stay exactly zero
                 wt = tl.where(mask_n[None, :] & mask_k[:, None], _softplus(wt), 0.0)
-                acc += tl.dot(zt, wt.to(zt.dtype), input_precision=PRECISION)
+                acc += _mma(zt, wt.to(zt.dtype), PRECISION)
         if HAS_Q:
             for d0 in range(0, D, BLOCK_K):
                 offs_d = d0 + tl.arange(0, BLOCK_K)
@@ -121,7 +149,7 @@ if triton is not None:
                     a_ptr + cols[None, :] * stride_an + offs_d[:, None] * stride_ad,
                     mask=mask_n[None, :] & mask_d[:, None], other=0.0,
                 )
-                acc += tl.dot(qt, at.to(qt.dtype), input_precision=PRECISION)
+                acc += _mma(qt, at.to(qt.dtype), PRECISION)
         if HAS_BIAS:
             bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             acc += bias[None, :]
@@ -170,7 +198,7 @@ if triton is not None:
             ).to(tl.float32)
             if POSITIVE:
                 wt = tl.where(mask_n[:, None] & mask_k[None, :], _softplus(wt), 0.0)
-            acc += tl.dot(gpre, wt, input_precision=PRECISION)
+            acc += _mma(gpre, wt, PRECISION)
         tl.store(
             dx_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
             acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :],
@@ -208,7 +236,7 @@ if triton is not None:
                 x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                 mask=mask_m[:, None] & mask_k[None, :], other=0.0,
             ).to(tl.float32)
-            acc += tl.dot(gpre, xt, input_precision=PRECISION)
+            acc += _mma(gpre, xt, PRECISION)
         mask_nk = mask_n[:, None] & mask_k[None, :]
         if POSITIVE:
             wt = tl.load(
@@ -258,19 +286,64 @@ def icnn_layer_ref(
 # --------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------
-_BLOCK = 32
+def icnn_precision(dtype: torch.dtype, on_cuda: bool, allow_tf32: bool | None = None) -> str:
+    """The product precision of a layer's GEMMs (see "Precision" in the module docstring):
+    ``"bf16"`` for bf16 activations, ``"tf32"`` for fp32 on CUDA when torch allows tf32
+    matmuls, else ``"ieee"`` (exact fp32; always under the interpreter)."""
+    if dtype == torch.bfloat16:
+        return "bf16"
+    if allow_tf32 is None:
+        allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+    return "tf32" if (on_cuda and dtype == torch.float32 and allow_tf32) else "ieee"
 
 
-def _precision(t: torch.Tensor) -> str:
-    if t.is_cuda and t.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+def _pow2_at_least(x: int, lo: int) -> int:
+    p = lo
+    while p < x:
+        p *= 2
+    return p
 
 
-def _blocks(M: int) -> tuple[int, int, int]:
-    if interpreter_on():
-        return 16, 32, 32
-    return (64 if M >= 64 else 32), 64, 32
+def icnn_launch_config(kind: str, m: int, n: int, k: int, precision: str,
+                       device: DeviceSpec) -> dict:
+    """Block sizes, warps and stages of one ICNN GEMM on ``device`` (pure; audited).
+
+    ``kind`` names the kernel and the shapes its GEMM sees: ``"fwd"``: out [m, n] reduced
+    over k (and over the query width, in the same blocks); ``"bwd_input"``: dx [m, k] =
+    gpre [m, n] @ W [n, k], reduced over n; ``"bwd_weight"``: dW [n, k] = gpre.T @ x,
+    reduced over m. Exact fp32 (``ieee``) runs on FMA units: 64 x 64 tiles with a 16-deep
+    reduction step and 8 warps hold the operands in registers without spilling (the
+    32-deep step used before spilled 159-232 registers). Tensor cores: 64-row tiles with one
+    warpgroup (4 warps; Hopper wgmma needs 64 rows), 128 columns on Hopper and 64 on Ampere
+    (a 128 x 128 tf32 tile spills there), the column block shrunk to the output's width
+    (>= 16); the reduction step is 32 (a 64-deep bf16 step spills on Hopper: the fp32
+    ``g * act'(pre)`` operand of the backward and the softplus of the weights are formed in
+    registers); 3 pipeline stages. At batch 4096 a 64-row tile gives 64 x cols/128 programs, which fills 132 SMs
+    from width 256 up.
+    """
+    if kind not in ("fwd", "bwd_input", "bwd_weight"):
+        raise ValueError(f"kind: expected 'fwd', 'bwd_input' or 'bwd_weight', got {kind!r}")
+    if precision not in ("ieee", "tf32", "bf16"):
+        raise ValueError(f"precision: expected 'ieee', 'tf32' or 'bf16', got {precision!r}")
+    # output tile (rows, cols) and reduction length of the GEMM, in the kernel's own terms
+    rows, cols, red = {"fwd": (m, n, k), "bwd_input": (m, k, n), "bwd_weight": (n, k, m)}[kind]
+    if precision == "ieee":
+        br, bc, bs, warps, stages = 64, 64, 16, 8, 2
+    else:
+        br, bc = 64, (128 if device.capability[0] >= 9 else 64)
+        bs, warps, stages = 32, 4, 3
+    bc = min(bc, _pow2_at_least(cols, 16))
+    bs = min(bs, _pow2_at_least(red, 16))
+    blocks = {"fwd": (br, bc, bs), "bwd_input": (br, bs, bc), "bwd_weight": (bs, br, bc)}[kind]
+    return {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "BLOCK_K": blocks[2],
+            "num_warps": warps, "num_stages": stages}
+
+
+def _config(kind, m, n, k, ref: torch.Tensor, precision: str) -> dict:
+    if ref.is_cuda:
+        return icnn_launch_config(kind, m, n, k, precision, device_spec(ref.device))
+    # interpreter (CPU tests): small tiles keep it fast; >= 16 as a GPU requires
+    return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
 
 
 def icnn_layer_forward(z, q, w_free, a, bias, act, slope, beta, save_pre=True):
@@ -288,53 +361,190 @@ def icnn_layer_forward(z, q, w_free, a, bias, act, slope, beta, save_pre=True):
     qq = q if q is not None else dummy
     aa = a if a is not None else dummy
     bb = bias if bias is not None else dummy
-    BM, BN, BK = _blocks(M)
-    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
-    _icnn_fwd_kernel[grid](
-        zz, ww, qq, aa, bb, pre, out,
-        M, N, K, D,
-        zz.stride(0), zz.stride(1), ww.stride(0), ww.stride(1),
-        qq.stride(0), qq.stride(1), aa.stride(0), aa.stride(1),
-        out.stride(0), out.stride(1),
-        float(slope), float(beta),
-        HAS_Z=z is not None, HAS_Q=q is not None, HAS_BIAS=bias is not None,
-        ACT=ACTIVATIONS[act], SAVE_PRE=save_pre, PRECISION=_precision(ref),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-    )
-    return (pre if save_pre else None), out
+    precision = icnn_precision(ref.dtype, ref.is_cuda)
+    cfg = _config("fwd", M, N, max(K, D), ref, precision)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+
+    def launch():
+        _icnn_fwd_kernel[grid](
+            zz, ww, qq, aa, bb, pre, out,
+            M, N, K, D,
+            zz.stride(0), zz.stride(1), ww.stride(0), ww.stride(1),
+            qq.stride(0), qq.stride(1), aa.stride(0), aa.stride(1),
+            out.stride(0), out.stride(1),
+            float(slope), float(beta),
+            HAS_Z=z is not None, HAS_Q=q is not None, HAS_BIAS=bias is not None,
+            ACT=ACTIVATIONS[act], SAVE_PRE=save_pre, PRECISION=precision, **cfg,
+        )
+        return (pre if save_pre else None), out
+
+    def fallback():
+        with torch.no_grad():
+            p = None
+            if z is not None:
+                p = z.float() @ F.softplus(w_free.float()).T
+            if q is not None:
+                inj = q.float() @ a.float().T
+                p = inj if p is None else p + inj
+            if bias is not None:
+                p = p + bias.float()
+            out.copy_(activation_ref(p, act, slope, beta))
+        return (p if save_pre else None), out
+
+    return launch_or_fallback("_icnn_fwd_kernel", launch, fallback)
 
 
 def _bwd_input(g, pre, w, positive, act, slope, beta, out_dtype):
     M, N = g.shape
     K = w.shape[1]
     dx = torch.empty((M, K), device=g.device, dtype=out_dtype)
-    BM, BN, BK = _blocks(M)
-    grid = (triton.cdiv(M, BM), triton.cdiv(K, BK))
-    _icnn_bwd_input_kernel[grid](
-        g, pre, w, dx, M, N, K,
-        g.stride(0), g.stride(1), w.stride(0), w.stride(1), dx.stride(0), dx.stride(1),
-        float(slope), float(beta),
-        ACT=ACTIVATIONS[act], POSITIVE=positive, PRECISION=_precision(g),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-    )
-    return dx
+    precision = icnn_precision(out_dtype if out_dtype == torch.bfloat16 else g.dtype, g.is_cuda)
+    cfg = _config("bwd_input", M, N, K, g, precision)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
+
+    def launch():
+        _icnn_bwd_input_kernel[grid](
+            g, pre, w, dx, M, N, K,
+            g.stride(0), g.stride(1), w.stride(0), w.stride(1), dx.stride(0), dx.stride(1),
+            float(slope), float(beta),
+            ACT=ACTIVATIONS[act], POSITIVE=positive, PRECISION=precision, **cfg,
+        )
+        return dx
+
+    def fallback():
+        gpre = g.float() * _act_grad_ref(pre, act, slope, beta)
+        wt = F.softplus(w.float()) if positive else w.float()
+        return dx.copy_(gpre @ wt)
+
+    return launch_or_fallback("_icnn_bwd_input_kernel", launch, fallback)
 
 
 def _bwd_weight(g, pre, x, w, positive, act, slope, beta):
     M, N = g.shape
     K = x.shape[1]
     dw = torch.empty((N, K), device=g.device, dtype=torch.float32)
-    BM, BN, BK = _blocks(M)
-    grid = (triton.cdiv(N, BN), triton.cdiv(K, BK))
-    _icnn_bwd_weight_kernel[grid](
-        g, pre, x, w, dw, M, N, K,
-        g.stride(0), g.stride(1), x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-        dw.stride(0), dw.stride(1),
-        float(slope), float(beta),
-        ACT=ACTIVATIONS[act], POSITIVE=positive, PRECISION=_precision(g),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-    )
-    return dw
+    precision = icnn_precision(x.dtype if x.dtype == torch.bfloat16 else g.dtype, g.is_cuda)
+    cfg = _config("bwd_weight", M, N, K, g, precision)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))
+
+    def launch():
+        _icnn_bwd_weight_kernel[grid](
+            g, pre, x, w, dw, M, N, K,
+            g.stride(0), g.stride(1), x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+            dw.stride(0), dw.stride(1),
+            float(slope), float(beta),
+            ACT=ACTIVATIONS[act], POSITIVE=positive, PRECISION=precision, **cfg,
+        )
+        return dw
+
+    def fallback():
+        gpre = g.float() * _act_grad_ref(pre, act, slope, beta)
+        d = gpre.T @ x.float()
+        return dw.copy_(d * torch.sigmoid(w.float()) if positive else d)
+
+    return launch_or_fallback("_icnn_bwd_weight_kernel", launch, fallback)
+
+
+# --------------------------------------------------------------------------------------
+# compile audit: the production shapes walked through icnn_launch_config
+# --------------------------------------------------------------------------------------
+_AUDIT_WIDTHS = (256, 512, 1024, 2048)
+_AUDIT_BATCH = 4096
+_AUDIT_D = 384
+_AUDIT_HEADS = (1, 1024)
+_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}
+
+
+def _audit_case(kernel, kind, m, n, k, precision, act_dtype, flags, args, device, shapes):
+    cfg = icnn_launch_config(kind, m, n, k, precision, device)
+    fn = getattr(kernel, "fn", kernel)
+    act_ptr = _PTR[act_dtype]
+    act_args = {"_icnn_fwd_kernel": ("z_ptr", "q_ptr", "out_ptr"),
+                "_icnn_bwd_input_kernel": ("g_ptr", "dx_ptr"),
+                "_icnn_bwd_weight_kernel": ("g_ptr", "x_ptr")}[fn.__name__]
+    constexprs = dict(flags, PRECISION=precision,
+                      **{b: cfg[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")})
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = act_ptr if name in act_args else "*fp32"
+        elif name in ("slope", "beta"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    # the tile: what decides registers and shared memory (1 = a dimension Triton specialises)
+    tile = (f"{kind},{precision},{str(act_dtype).replace('torch.', '')},"
+            f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']},w{cfg['num_warps']},"
+            f"s{cfg['num_stages']}" + (",n=1" if args.get("N") == 1 else ""))
+    config = tile + "," + ",".join(f"{f}={int(v)}" for f, v in flags.items())
+    # integer values as at run time: Triton specialises 1 (a constant) and multiples of 16
+    return tile, AuditCase(kernel, sig, constexprs, cfg["num_warps"], cfg["num_stages"], config,
+                           matrix=True, exact_fp32=precision == "ieee", shapes=shapes,
+                           extra={"args": args})
+
+
+def audit_cases(device: DeviceSpec) -> list[AuditCase]:
+    """The ICNN kernel tiles that SupportNet training launches at batch 4096, widths
+    256..2048, d 384, 1 or 1024 heads, for what the training loop feeds: bf16 autocast (its
+    CUDA default, ``bf16``), fp32 with torch's default (``ieee``) and fp32 with tf32
+    allowed (``tf32``). Every distinct tile (block sizes, warps, stages, dtype, precision,
+    a dimension specialised to 1) is compiled once, with the heaviest layer that uses it:
+    hidden layers (previous layer + query re-injection, softleaky, bias) come first, so
+    their softplus epilogue represents the lighter input/output layers and the leaky
+    (``--homogeneous``) variant of the same tile; the shapes note lists every layer."""
+    if triton is None:
+        return []
+    m, d = _AUDIT_BATCH, _AUDIT_D
+    tiles: dict[str, AuditCase] = {}
+    notes: dict[str, list[str]] = {}
+
+    def add(tile_case, note):
+        tile, case = tile_case
+        if tile not in tiles:
+            tiles[tile] = case
+            notes[tile] = []
+        notes[tile].append(note)
+
+    variants = [(torch.bfloat16, "bf16"), (torch.float32, "ieee"), (torch.float32, "tf32")]
+    for act_dtype, prec in variants:
+        for w in _AUDIT_WIDTHS:
+            layers = [  # (name, N, K, HAS_Z, ACT); hidden first: the heaviest epilogue
+                ("hidden", w, w, True, 1), ("input", w, 0, False, 1),
+            ] + [(f"output({h} heads)", h, w, True, 0) for h in _AUDIT_HEADS]
+            for name, n, k, has_z, act in layers:
+                note = f"{name} w{w}"
+                flags = {"HAS_Z": has_z, "HAS_Q": True, "HAS_BIAS": True, "ACT": act,
+                         "SAVE_PRE": True}
+                args = {"M": m, "N": n, "K": k, "D": d, "stride_zm": k, "stride_zk": 1,
+                        "stride_wn": k, "stride_wk": 1, "stride_qm": d, "stride_qd": 1,
+                        "stride_an": d, "stride_ad": 1, "stride_om": n, "stride_on": 1}
+                if not has_z:  # a dummy tensor stands in for z and w_free
+                    args.update(K=0, stride_zm=n, stride_wn=n)
+                add(_audit_case(_icnn_fwd_kernel, "fwd", m, n, max(k, d), prec, act_dtype,
+                                flags, args, device, note), note)
+                # backward: dz (positive weights, softplus) before dq (injection weights)
+                for pos, kk in ((True, k), (False, d)):
+                    if pos and not has_z:
+                        continue
+                    flags_b = {"ACT": act, "POSITIVE": pos}
+                    args_b = {"M": m, "N": n, "K": kk, "stride_gm": n, "stride_gn": 1,
+                              "stride_wn": kk, "stride_wk": 1, "stride_xm": kk, "stride_xk": 1}
+                    add(_audit_case(_icnn_bwd_input_kernel, "bwd_input", m, n, kk, prec,
+                                    act_dtype, flags_b, args_b, device, note), note)
+                    args_w = {"M": m, "N": n, "K": kk, "stride_gm": n, "stride_gn": 1,
+                              "stride_xm": kk, "stride_xk": 1, "stride_wn": kk, "stride_wk": 1,
+                              "stride_dn": kk, "stride_dk": 1}
+                    add(_audit_case(_icnn_bwd_weight_kernel, "bwd_weight", m, n, kk, prec,
+                                    act_dtype, flags_b, args_w, device, note), note)
+    out = []
+    for tile, c in tiles.items():
+        seen = list(dict.fromkeys(notes[tile]))
+        shapes = f"batch {m}, d {d}: " + ", ".join(seen[:8]) + (" ..." if len(seen) > 8 else "")
+        out.append(AuditCase(c.kernel, c.signature, c.constexprs, c.num_warps, c.num_stages,
+                             c.config, c.matrix, c.exact_fp32, shapes, c.extra))
+    return dedupe(out)
 
 
 def _act_grad_ref(pre, act, slope, beta):

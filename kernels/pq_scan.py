@@ -47,7 +47,8 @@ import math
 
 import torch
 
-from ._backend import use_triton
+from ._audit import AuditCase, DeviceSpec, dedupe, device_spec
+from ._backend import launch_or_fallback, use_triton
 
 try:
     import triton
@@ -340,12 +341,34 @@ def pq_scan_ref(lut, codes, list_offsets, probe_lists, k, *, bits, bias=None, sc
 # ---------------------------------------------------------------------------------------
 # launcher
 # ---------------------------------------------------------------------------------------
-def _n_split(nq: int, nprobe: int, max_len: int, block_n: int, device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = -(-4 * sms // max(1, nq * nprobe))
-    return int(max(1, min(want, -(-max_len // block_n))))
+def _pow2_at_least(x: int, lo: int) -> int:
+    p = lo
+    while p < x:
+        p *= 2
+    return p
+
+
+def pq_scan_launch_config(nq: int, nprobe: int, max_list_len: int, n_bytes: int, k: int,
+                          device: DeviceSpec) -> dict:
+    """Block sizes, warps, stages and list split of the PQ scan on ``device`` (pure;
+    audited). ``BLOCK_N = max(64, next_pow2(k))`` rows per block (the running top-k lives in
+    a sorted ``BLOCK_N`` vector), ``BLOCK_W`` code bytes per step (16 at 512 rows, 8 at 1024,
+    to keep the gathered tile small), 8 warps at 512 rows and 16 at 1024 (audited: fewer
+    spill in the sort); ``n_split`` splits each probed list
+    across programs until the grid holds 4 programs per SM (the merge is a top-k)."""
+    if k < 1 or k > MAX_TRITON_K:
+        raise ValueError(f"k: the kernel handles 1..{MAX_TRITON_K}, got {k}")
+    block_n = _pow2_at_least(k, 64)
+    block_w = max(16, min(32, _pow2_at_least(n_bytes, 1)))
+    warps = 4
+    if block_n >= 512:
+        block_w, warps = 16, 8
+    if block_n >= 1024:  # 8 warps spill in the 1024-wide sort (uint8 LUT, 8-bit codes)
+        block_w, warps = 8, 16
+    want = -(-4 * device.sm_count // max(1, nq * nprobe))
+    split = int(max(1, min(want, -(-max(1, max_list_len) // block_n))))
+    return {"BLOCK_N": block_n, "BLOCK_W": block_w, "num_warps": warps,
+            "num_stages": 3, "n_split": split}
 
 
 def pq_scan(lut, codes, list_offsets, probe_lists, k, *, bits, bias=None, scale=None,
@@ -359,30 +382,97 @@ def pq_scan(lut, codes, list_offsets, probe_lists, k, *, bits, bias=None, scale=
         return pq_scan_ref(lut, codes, list_offsets, probe_lists, k, bits=bits, bias=bias,
                            scale=scale)
     nq, nprobe = probe_lists.shape
+    lut_in = lut
     m = lut.shape[1]
     if bits == 4 and m % 2:  # padding subspace for the unused high nibble
         lut = torch.cat([lut, torch.zeros_like(lut[:, :1])], 1)
     lut = lut.contiguous()
     codes = codes.contiguous()
     probes = probe_lists.contiguous()
-    block_n = max(64, triton.next_power_of_2(k))
     n_bytes = codes.shape[1]
-    block_w = max(16, min(32, triton.next_power_of_2(n_bytes)))
-    if block_n >= 512:
-        block_w = 16
     sizes = list_offsets[1:] - list_offsets[:-1]
-    split = n_split or _n_split(nq, nprobe, int(sizes.max()), block_n, lut.device)
+    max_len = int(sizes.max())
+    if lut.is_cuda:
+        cfg = pq_scan_launch_config(nq, nprobe, max_len, n_bytes, k, device_spec(lut.device))
+    else:  # interpreter: the same blocks, no split unless asked
+        cfg = pq_scan_launch_config(1, 1, 1, n_bytes, k, DeviceSpec((0, 0), 1, 0))
+    split = n_split or cfg.pop("n_split")
+    cfg.pop("n_split", None)
+    block_n = cfg["BLOCK_N"]
     out = torch.empty((nq, nprobe * split, block_n), dtype=torch.int64, device=lut.device)
     grid = (nq, nprobe, split)
-    _pq_scan_kernel[grid](
-        lut, codes, list_offsets, probes, bias, scale, out,
-        nprobe, n_bytes, split,
-        lut.stride(0), probes.stride(0), bias.stride(0),
-        N_CODEWORDS=1 << bits, FOUR_BIT=bits == 4,
-        BLOCK_N=block_n, BLOCK_W=block_w,
-        num_warps=4 if block_n <= 256 else 8,
-    )
-    return _finish(out.reshape(nq, nprobe * split * block_n), k)
+
+    def launch():
+        _pq_scan_kernel[grid](
+            lut, codes, list_offsets, probes, bias, scale, out,
+            nprobe, n_bytes, split,
+            lut.stride(0), probes.stride(0), bias.stride(0),
+            N_CODEWORDS=1 << bits, FOUR_BIT=bits == 4, **cfg,
+        )
+        return _finish(out.reshape(nq, nprobe * split * block_n), k)
+
+    def fallback():
+        return pq_scan_ref(lut_in, codes, list_offsets, probe_lists, k, bits=bits, bias=bias,
+                           scale=scale)
+
+    return launch_or_fallback("_pq_scan_kernel", launch, fallback)
+
+
+# ---------------------------------------------------------------------------------------
+# compile audit: production shapes walked through pq_scan_launch_config
+# ---------------------------------------------------------------------------------------
+_LUT_PTR = {"float32": "*fp32", "float16": "*fp16", "uint8": "*u8"}
+
+
+def audit_cases(device: DeviceSpec) -> list[AuditCase]:
+    """PQ scans on 1M keys in 1,000 lists (up to 4,096 rows per list), d 384: 4-bit codes
+    (192 subspaces, 96 bytes) and 8-bit codes (48 subspaces, 48 bytes), every LUT dtype
+    (float32, float16, uint8), k = 1, 10, 100 (the usual re-rank depth), 500 and 1,000, batches
+    of 1,024 and 65,536 queries at nprobe 32 and 64 (one program per probed list), and one
+    query at nprobe 64 (lists split across programs: ``n_split`` > 1 is a run-time
+    integer, the same compiled code). Not a matrix kernel (table gathers)."""
+    if triton is None:
+        return []
+    cases = []
+    names = list(_pq_scan_kernel.arg_names)
+    for bits, n_bytes in ((4, 96), (8, 48)):
+        for lut_dtype, ptr in _LUT_PTR.items():
+            for k in (1, 10, 100, 500, 1000):
+                shapes = ((1024, 32), (65536, 64))
+                if lut_dtype == "float32" and k == 100:  # one query: the list is split
+                    shapes += ((1, 64),)
+                for nq, nprobe in shapes:
+                    cfg = pq_scan_launch_config(nq, nprobe, 4096, n_bytes, k, device)
+                    cx = {"N_CODEWORDS": 1 << bits, "FOUR_BIT": bits == 4,
+                          "BLOCK_N": cfg["BLOCK_N"], "BLOCK_W": cfg["BLOCK_W"]}
+                    sig = {}
+                    for name in names:
+                        if name in cx:
+                            sig[name] = "constexpr"
+                        elif name == "lut_ptr":
+                            sig[name] = ptr
+                        elif name == "codes_ptr":
+                            sig[name] = "*u8"
+                        elif name in ("offsets_ptr", "probes_ptr", "out_ptr"):
+                            sig[name] = "*i64"
+                        elif name.endswith("_ptr"):
+                            sig[name] = "*fp32"
+                        else:
+                            sig[name] = "i32"
+                    args = {"nprobe": nprobe, "n_bytes": n_bytes, "n_split": cfg["n_split"],
+                            "stride_lq": (1 << bits) * (n_bytes * 2 if bits == 4 else n_bytes),
+                            "stride_pq": nprobe, "stride_bq": nprobe}
+                    # only what changes the compiled code goes into the config; the rest
+                    # (n_split, nprobe: run-time integers) into the shapes note
+                    one = ",".join(a for a in ("nprobe", "n_split") if args[a] == 1)
+                    config = (f"bits{bits},lut_{lut_dtype},N{cfg['BLOCK_N']},W{cfg['BLOCK_W']},"
+                              f"w{cfg['num_warps']},s{cfg['num_stages']}"
+                              + (f",{one}=1" if one else ""))
+                    cases.append(AuditCase(
+                        _pq_scan_kernel, sig, cx, cfg["num_warps"], cfg["num_stages"], config,
+                        matrix=False, shapes=f"k {k}, nq {nq} x nprobe {nprobe}",
+                        extra={"args": args}))
+    return dedupe(cases)
 
 
 # ---------------------------------------------------------------------------------------
