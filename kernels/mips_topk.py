@@ -189,7 +189,7 @@ if triton is not None:
             # falls out, or a further key of the tile inside the window, raises `lost`.
             # Unrolled and load-free, so the key loop stays software-pipelined.
             if tl.max(emit.to(tl.int32), axis=0) > 0:
-                for e in tl.static_range(EMIT):
+                for _e in tl.static_range(EMIT):
                     low = tl.min(near, axis=1)
                     low_slot = tl.min(tl.where(near == low[:, None], slots[None, :], NEAR), axis=1)
                     put = emit & (m > low)

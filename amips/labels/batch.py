@@ -21,6 +21,7 @@ from .screen import (
     _load_shard,
     _screen_partitions,
     _screen_partitions_cpu,
+    _screen_top1,
     _screen_top1_cpu_bf16,
     _screen_topk,
     _Shard,
@@ -94,7 +95,9 @@ class BatchLabeler:
         shard = self.shard(j)
         k = self.spec.topk or 1
         if self._needs_top_screen:
-            if self.spec.topk is None and not _use_kernel(q) and self.precision == "bf16":
+            if self.spec.topk is None and _use_kernel(q):
+                cand = _screen_top1(q, shard, self.precision)
+            elif self.spec.topk is None and self.precision == "bf16":
                 cand = _screen_top1_cpu_bf16(q, shard)
             else:
                 cand = _screen_topk(q, shard, _screen_width(k, self.precision), self.precision)
@@ -140,7 +143,10 @@ class BatchLabeler:
             stats["rescreened_queries"] = int(bad.numel())
             cand = None
             for j in range(self.n_shards):
-                screened = _screen_topk(q[bad], self.shard(j), _screen_width(k, "fp32") + 3, "fp32")
+                if self.spec.topk is None and _use_kernel(q):
+                    screened = _screen_top1(q[bad], self.shard(j), "fp32")
+                else:
+                    screened = _screen_topk(q[bad], self.shard(j), _screen_width(k, "fp32") + 3, "fp32")
                 cand = _merge(cand, screened, k)
             rs, ri, rok = _certify_and_refine(cand, k, q64[bad], self.keys)
             s[bad], i[bad] = rs, ri
