@@ -1,9 +1,9 @@
 """The top-1 screening kernel (Triton under the interpreter on CPU) against an fp64 oracle,
 and its launch-config rule at the shapes the compile audit walks."""
 
-import numpy as np
 import pytest
 import torch
+
 from amips.kernels import _audit
 from amips.kernels.mips_topk import (
     audit_cases,
