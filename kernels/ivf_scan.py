@@ -494,7 +494,8 @@ def _scan_batched(queries, keys, offsets, probes, k, cfg, max_buffer=_MAX_BUFFER
     sizes = offsets[1:] - offsets[:-1]
     psize = torch.where(probes >= 0, sizes[probes.clamp(min=0)], torch.zeros_like(probes))
     max_width = max(1, int(psize.sum(1).max()))
-    chunk = max(1, min(nq, max_buffer // max_width))
+    # int32 offsets inside the kernel: a chunk's query terms and buffer stay below 2**31
+    chunk = max(1, min(nq, max_buffer // max_width, (2**31 - 1) // max(1, d)))
     out_s = torch.full((nq, k), float("-inf"), dtype=torch.float32, device=dev)
     out_p = torch.full((nq, k), -1, dtype=torch.int64, device=dev)
     block_d = cfg["BLOCK_D"]
