@@ -313,7 +313,8 @@ def mips_top1_launch_config(nq: int, nk: int, d: int, *, n_segments: int | None 
     Rule: 16-bit operands use 128 x 128 tiles (64 rows when there are at most 64 queries) and
     64-wide d chunks, or one chunk holding the whole query row when d <= 128 (the query tile
     is then loaded once per program); tf32 uses 32-wide chunks; exact ieee fp32 runs on FMA
-    units with 64 x 64 tiles. Stages: as many as fit the device's shared memory, at most 4
+    units with 64 x 64 tiles and 8 warps. On Ampere (mma.sync, operands in registers) 8
+    warps always, and 64-key tiles when d is chunked. Stages: as many as fit the device's shared memory, at most 4
     (Hopper) or 3 (Ampere). Splits: enough key ranges that the grid holds >= 2 programs per
     SM, each range at least 4 key tiles.
     """
@@ -323,7 +324,7 @@ def mips_top1_launch_config(nq: int, nk: int, d: int, *, n_segments: int | None 
         raise ValueError(f"near: expected 4, 8 or 16, got {near}")
     elem = 2 if operand in ("bf16", "fp16") else 4
     if operand == "ieee":
-        block_m, block_n, warps = 64, 64, 4
+        block_m, block_n, warps = 64, 64, 8
         block_d = 16
         one_chunk = False
     else:
@@ -335,6 +336,12 @@ def mips_top1_launch_config(nq: int, nk: int, d: int, *, n_segments: int | None 
             block_d, one_chunk = max(16, _next_pow2(d)), True
         else:
             block_d, one_chunk = (64 if elem == 2 else 32), False
+        if device.arch < 90:
+            # mma.sync keeps both operand fragments in registers: 8 warps, and 64-key
+            # tiles when the d loop is chunked, keep the tile and its epilogue spill-free
+            warps = 8
+            if not one_chunk:
+                block_n = 64
     max_stages = 4 if device.arch >= 90 else 3
     if operand == "ieee":
         max_stages = 2
