@@ -44,10 +44,11 @@ contiguous rows; ``offsets`` int64 ``[n_segments + 1]``. Outputs: scores fp32
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
-from ._backend import triton_available, use_triton
+from ._backend import launch_or_fallback, triton_available, use_triton
 
 if triton_available():
     import triton
@@ -83,92 +84,128 @@ def screening_error_bound(d: int, precision: str, *, bf16_output: bool = False) 
 if triton is not None:
 
     @triton.jit
-    def _mips_topk_kernel(
+    def _mips_top1_kernel(
         q_ptr,
         k_ptr,
         offsets_ptr,
-        out_s_ptr,
-        out_i_ptr,
+        window_ptr,
+        scale_ptr,
+        best_s_ptr,
+        best_i_ptr,
+        near_s_ptr,
+        near_i_ptr,
+        lost_ptr,
         nq,
         d,
+        n_seg,
         stride_qm,
-        stride_qd,
         stride_kn,
-        stride_kd,
-        stride_om,
-        stride_os,
-        KP: tl.constexpr,
+        NEAR: tl.constexpr,
+        EMIT: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        ONE_CHUNK: tl.constexpr,
+        EVEN_D: tl.constexpr,
+        ALIGNED: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
-        seg_start = tl.load(offsets_ptr + pid_s)
-        seg_end = tl.load(offsets_ptr + pid_s + 1)
+        seg_start = tl.load(offsets_ptr + pid_s).to(tl.int32)
+        seg_end = tl.load(offsets_ptr + pid_s + 1).to(tl.int32)
 
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < nq
-        rows64 = rows.to(tl.int64)
-        slot_ids = tl.arange(0, KP)
-        d_range = tl.arange(0, BLOCK_D)
         n_range = tl.arange(0, BLOCK_N)
+        d_range = tl.arange(0, BLOCK_D)
+        slots = tl.arange(0, NEAR)
+        # window of this (row, segment): keys screened below best - window are not kept
+        win = tl.load(window_ptr + rows, mask=row_mask, other=0.0) * tl.load(scale_ptr + pid_s)
+        out_row = rows.to(tl.int64) * n_seg + pid_s  # flat (row, segment) index
 
-        acc_s = tl.full((BLOCK_M, KP), float("-inf"), tl.float32)
-        acc_i = tl.full((BLOCK_M, KP), -1, tl.int64)
-        kth = tl.min(acc_s, axis=1)
+        # Loads are unmasked: rows past nq and keys past the segment's end are clamped to
+        # the last valid one (their scores are discarded), so no mask tensors stay live.
+        # 64-bit scalar bases, 32-bit offsets inside a tile.
+        q_rows = tl.minimum(rows, nq - 1) - pid_m * BLOCK_M
+        q_base = q_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_qm
+        q_off = q_rows[:, None] * stride_qm + d_range[None, :]
 
-        for n0 in range(seg_start, seg_end, BLOCK_N):
+        best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        best_i = tl.full((BLOCK_M,), -1, tl.int32)
+        lost = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        near = tl.full((BLOCK_M, NEAR), float("-inf"), tl.float32)
+
+        if ONE_CHUNK:  # the whole query row fits one chunk: load it once
+            if EVEN_D:
+                q_ptrs = q_base + q_off
+                if ALIGNED:
+                    q_ptrs = tl.max_contiguous(tl.multiple_of(q_ptrs, [16, 16]), [1, BLOCK_D])
+                q_once = tl.load(q_ptrs)
+            else:
+                q_once = tl.load(q_base + q_off, mask=(d_range < d)[None, :], other=0.0)
+        for t in range(0, tl.cdiv(seg_end - seg_start, BLOCK_N)):
+            n0 = seg_start + t * BLOCK_N
             cols = n0 + n_range
-            col_mask = cols < seg_end
-            cols64 = cols.to(tl.int64)
-            scores = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            for d0 in range(0, d, BLOCK_D):
-                dd = d0 + d_range
-                d_mask = dd < d
-                q = tl.load(
-                    q_ptr + rows64[:, None] * stride_qm + dd[None, :] * stride_qd,
-                    mask=row_mask[:, None] & d_mask[None, :],
-                    other=0.0,
-                )
-                kt = tl.load(
-                    k_ptr + cols64[None, :] * stride_kn + dd[:, None] * stride_kd,
-                    mask=col_mask[None, :] & d_mask[:, None],
-                    other=0.0,
-                )
-                if PRECISION == "bf16":
-                    scores = tl.dot(q.to(tl.bfloat16), kt.to(tl.bfloat16), scores)
+            k_base = k_ptr + n0.to(tl.int64) * stride_kn
+            k_off = tl.minimum(n_range, seg_end - 1 - n0)[None, :] * stride_kn + d_range[:, None]
+            if ONE_CHUNK:
+                if EVEN_D:
+                    k_ptrs = k_base + k_off
+                    if ALIGNED:
+                        k_ptrs = tl.max_contiguous(tl.multiple_of(k_ptrs, [16, 16]), [BLOCK_D, 1])
+                    kt = tl.load(k_ptrs)
                 else:
-                    scores = tl.dot(q, kt, scores, input_precision=PRECISION)
-            scores = tl.where(col_mask[None, :], scores, float("-inf"))
+                    kt = tl.load(k_base + k_off, mask=(d_range < d)[:, None], other=0.0)
+                scores = tl.dot(q_once, kt, input_precision=PRECISION, out_dtype=tl.float32)
+            else:
+                scores = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                for d0 in range(0, d, BLOCK_D):
+                    if EVEN_D:
+                        q_ptrs = q_base + d0 + q_off
+                        k_ptrs = k_base + d0 + k_off
+                        if ALIGNED:  # launcher-checked: 16-byte aligned rows
+                            q_ptrs = tl.max_contiguous(tl.multiple_of(q_ptrs, [16, 16]), [1, BLOCK_D])
+                            k_ptrs = tl.max_contiguous(tl.multiple_of(k_ptrs, [16, 16]), [BLOCK_D, 1])
+                        q = tl.load(q_ptrs)
+                        kt = tl.load(k_ptrs)
+                    else:
+                        q = tl.load(q_base + d0 + q_off, mask=(d0 + d_range < d)[None, :], other=0.0)
+                        kt = tl.load(k_base + d0 + k_off, mask=(d0 + d_range < d)[:, None], other=0.0)
+                    scores = tl.dot(q, kt, scores, input_precision=PRECISION, out_dtype=tl.float32)
+            scores = tl.where((cols < seg_end)[None, :], scores, float("-inf"))
 
-            # Merge the tile: extract its best entries in (score desc, index asc) order for
-            # as long as some row still has an entry that beats its current KP-th best.
-            tile_max = tl.max(scores, axis=1)
-            need = (tile_max > kth) & row_mask
-            while tl.max(need.to(tl.int32), axis=0) > 0:
-                best = tl.max(scores, axis=1)
-                best_col = tl.min(
-                    tl.where(scores == best[:, None], cols[None, :], 2147483647), axis=1
-                )
-                take = (best > kth) & row_mask
-                # the slot to overwrite: the smallest entry, the highest index among equals
-                is_min = acc_s == kth[:, None]
-                worst_idx = tl.max(tl.where(is_min, acc_i, -2), axis=1)
-                slot = tl.max(
-                    tl.where(is_min & (acc_i == worst_idx[:, None]), slot_ids[None, :], -1), axis=1
-                )
-                write = take[:, None] & (slot_ids[None, :] == slot[:, None])
-                acc_s = tl.where(write, best[:, None], acc_s)
-                acc_i = tl.where(write, best_col.to(tl.int64)[:, None], acc_i)
-                scores = tl.where(cols[None, :] == best_col[:, None], float("-inf"), scores)
-                kth = tl.min(acc_s, axis=1)
-                need = (tl.max(scores, axis=1) > kth) & row_mask
+            # Epilogue: row max and lowest-index argmax of the tile.
+            m = tl.max(scores, axis=1)
+            j = tl.min(tl.where(scores == m[:, None], cols[None, :], 2147483647), axis=1)
+            upd = m > best  # strict: an earlier (lower-index) key keeps a tie
+            best = tl.where(upd, m, best)
+            best_i = tl.where(upd, j, best_i)
+            thr = best - win
+            emit = (m >= thr) & (m > float("-inf")) & row_mask
+            # Rare path: the (at most EMIT) best keys of this tile within the window of the
+            # running best replace the smallest entry of the row's NEAR-slot window buffer
+            # (scores in registers, unsorted; key indices stored straight to memory); what
+            # falls out, or a further key of the tile inside the window, raises `lost`.
+            # Unrolled and load-free, so the key loop stays software-pipelined.
+            if tl.max(emit.to(tl.int32), axis=0) > 0:
+                for _e in tl.static_range(EMIT):
+                    low = tl.min(near, axis=1)
+                    low_slot = tl.min(tl.where(near == low[:, None], slots[None, :], NEAR), axis=1)
+                    put = emit & (m > low)
+                    lost = tl.maximum(lost, tl.where(emit, tl.minimum(m, low), float("-inf")))
+                    near = tl.where(put[:, None] & (slots[None, :] == low_slot[:, None]), m[:, None], near)
+                    tl.store(near_i_ptr + out_row * NEAR + low_slot, j, mask=put)
+                    scores = tl.where(cols[None, :] == j[:, None], float("-inf"), scores)
+                    m = tl.max(scores, axis=1)
+                    j = tl.min(tl.where(scores == m[:, None], cols[None, :], 2147483647), axis=1)
+                    emit = (m >= thr) & (m > float("-inf")) & row_mask
+                lost = tl.maximum(lost, tl.where(emit, m, float("-inf")))
 
-        out_off = rows64[:, None] * stride_om + pid_s * stride_os + slot_ids[None, :]
-        tl.store(out_s_ptr + out_off, acc_s, mask=row_mask[:, None])
-        tl.store(out_i_ptr + out_off, acc_i, mask=row_mask[:, None])
+        tl.store(near_s_ptr + out_row[:, None] * NEAR + slots[None, :], near, mask=row_mask[:, None])
+        tl.store(best_s_ptr + out_row, best, mask=row_mask)
+        tl.store(best_i_ptr + out_row, best_i, mask=row_mask)
+        tl.store(lost_ptr + out_row, lost, mask=row_mask)
 
 
 def _check_inputs(queries: torch.Tensor, keys: torch.Tensor, kp: int, offsets: torch.Tensor | None):
@@ -255,6 +292,258 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, x))))
 
 
+# Dot operand kinds: 16-bit inputs run on tensor cores with exact products; fp32 inputs run
+# as tf32 (tensor cores) or ieee (exact fp32 FMA, no tensor cores).
+OPERANDS = ("bf16", "fp16", "tf32", "ieee")
+_OPERAND_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32, "ieee": torch.float32}
+_TRITON_TYPE = {"bf16": "bf16", "fp16": "fp16", "tf32": "fp32", "ieee": "fp32"}
+# the shared memory a program needs besides its pipelined operand tiles (reductions, epilogue)
+_SMEM_SLACK = 16384
+
+
+def mips_top1_launch_config(nq: int, nk: int, d: int, *, n_segments: int | None = None,
+                            operand: str = "bf16", near: int = 8, device) -> dict:
+    """Block sizes, warps, stages and key splits of :func:`mips_top1` on a CUDA device.
+
+    Pure function of the shapes and ``device`` (a :class:`kernels._audit.DeviceSpec`): the
+    launcher and the compile audit call it alike. ``n_segments`` is the number of key
+    segments (IVF partitions) when the caller passes ``offsets``; without it the launcher
+    splits the key range itself (``splits``) so that small query counts still fill the SMs.
+
+    Rule: 16-bit operands use 128 x 128 tiles (64 rows when there are at most 64 queries) and
+    64-wide d chunks, or one chunk holding the whole query row when d <= 128 (the query tile
+    is then loaded once per program); tf32 uses 32-wide chunks; exact ieee fp32 runs on FMA
+    units with 64 x 64 tiles and 8 warps. On Ampere (mma.sync, operands in registers) 8
+    warps always, and 64-key tiles when d is chunked. Stages: as many as fit the device's shared memory, at most 4
+    (Hopper) or 3 (Ampere). Splits: enough key ranges that the grid holds >= 2 programs per
+    SM, each range at least 4 key tiles.
+    """
+    if operand not in OPERANDS:
+        raise ValueError(f"operand: expected one of {OPERANDS}, got {operand!r}")
+    if near not in (4, 8, 16):
+        raise ValueError(f"near: expected 4, 8 or 16, got {near}")
+    elem = 2 if operand in ("bf16", "fp16") else 4
+    if operand == "ieee":
+        block_m, block_n, warps = 64, 64, 8
+        block_d = 16
+        one_chunk = False
+    else:
+        block_m = 128 if nq > 64 else 64
+        block_n = 128
+        warps = 8 if block_m == 128 else 4
+        chunk_cap = 128 if elem == 2 else 32
+        if d <= chunk_cap:
+            block_d, one_chunk = max(16, _next_pow2(d)), True
+        else:
+            block_d, one_chunk = (64 if elem == 2 else 32), False
+        if device.arch < 90:
+            # mma.sync keeps both operand fragments in registers: 8 warps, and 64-key
+            # tiles when the d loop is chunked, keep the tile and its epilogue spill-free
+            warps = 8
+            if not one_chunk:
+                block_n = 64
+    max_stages = 4 if device.arch >= 90 else 3
+    if operand == "ieee":
+        max_stages = 2
+    stages = max_stages
+    while stages > 1:
+        tiles = (block_n * block_d * elem) * stages + block_m * block_d * elem * (1 if one_chunk else stages)
+        if tiles + _SMEM_SLACK <= device.max_shared_bytes:
+            break
+        stages -= 1
+    m_blocks = -(-max(nq, 1) // block_m)
+    if n_segments is None:
+        want = -(-2 * device.sm_count // m_blocks)
+        splits = max(1, min(want, nk // (4 * block_n)))
+    else:
+        splits = None
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "ONE_CHUNK": one_chunk,
+            "NEAR": near, "EMIT": 2, "num_warps": warps, "num_stages": stages, "splits": splits}
+
+
+_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "num_warps": 4, "num_stages": 1}
+
+
+class Top1(NamedTuple):
+    """Screened top-1 per (query, key segment) and the keys kept near it (see mips_top1).
+
+    score, lost: fp32 [nq, S]; index: int64 [nq, S]; near_score fp32 / near_index int64
+    [nq, S, NEAR]; offsets: int64 [S + 1], the segments' key ranges.
+    """
+
+    score: torch.Tensor
+    index: torch.Tensor
+    near_score: torch.Tensor
+    near_index: torch.Tensor
+    lost: torch.Tensor
+    offsets: torch.Tensor
+
+
+def _check_top1_inputs(queries, keys, offsets, window, segment_scale, near):
+    for name, t in (("queries", queries), ("keys", keys)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"{name}: expected fp32, fp16 or bf16, got {t.dtype}")
+    if queries.shape[1] != keys.shape[1]:
+        raise ValueError(
+            f"keys: dimension mismatch, queries have d = {queries.shape[1]}, keys {keys.shape[1]}"
+        )
+    if queries.dtype != keys.dtype:
+        raise ValueError(f"keys: dtype {keys.dtype} differs from the queries' {queries.dtype}")
+    if queries.device != keys.device:
+        raise ValueError(f"keys: on {keys.device}, queries on {queries.device}")
+    if keys.shape[0] >= _INT32_MAX:
+        raise ValueError("keys: more than 2**31 - 1 keys in one call; shard them")
+    if near not in (4, 8, 16):
+        raise ValueError(f"near: expected 4, 8 or 16, got {near}")
+    if offsets is not None:
+        if offsets.dim() != 1 or offsets.numel() < 2 or offsets.dtype != torch.int64:
+            raise ValueError("offsets: expected an int64 vector [n_segments + 1]")
+        if int(offsets[0]) != 0 or int(offsets[-1]) != keys.shape[0]:
+            raise ValueError("offsets: must start at 0 and end at the number of keys")
+        if bool((offsets[1:] < offsets[:-1]).any()):
+            raise ValueError("offsets: must be non-decreasing")
+    if window is not None:
+        if window.shape != (queries.shape[0],) or bool((window < 0).any()) or not bool(torch.isfinite(window).all()):
+            raise ValueError("window: expected finite non-negative values, one per query")
+    if segment_scale is not None:
+        n_seg = offsets.numel() - 1 if offsets is not None else None
+        if segment_scale.dim() != 1 or (n_seg is not None and segment_scale.numel() != n_seg) or (
+            n_seg is None and segment_scale.numel() != 1
+        ):
+            raise ValueError("segment_scale: expected one value per segment (one without offsets)")
+        if bool((segment_scale < 0).any()) or not bool(torch.isfinite(segment_scale).all()):
+            raise ValueError("segment_scale: expected finite non-negative values")
+
+
+def mips_top1_ref(queries, keys, offsets=None, *, window=None, segment_scale=None, near: int = 8,
+                  splits: int = 1) -> Top1:
+    """Torch reference of :func:`mips_top1` (CPU fallback and oracle), fp32 products.
+
+    The best key per (query, segment) with the lowest index among equal scores; ``near``
+    holds the ``near`` highest-scoring keys within the window (ties by index), ``lost`` the
+    best score of the window's keys that did not fit. Without ``offsets`` the key range is cut
+    into ``splits`` equal segments like the kernel's.
+    """
+    _check_top1_inputs(queries, keys, offsets, window, segment_scale, near)
+    nq, nk = queries.shape[0], keys.shape[0]
+    dev = queries.device
+    if offsets is None:
+        offsets = torch.linspace(0, nk, splits + 1, dtype=torch.float64).round().to(torch.int64)
+        scale = (segment_scale if segment_scale is not None else torch.ones(1, device=dev)).expand(splits)
+    else:
+        scale = segment_scale if segment_scale is not None else torch.ones(offsets.numel() - 1, device=dev)
+    win = window if window is not None else torch.zeros(nq, device=dev)
+    bounds = offsets.tolist()
+    n_seg = len(bounds) - 1
+    score = torch.full((nq, n_seg), float("-inf"), device=dev)
+    index = torch.full((nq, n_seg), -1, dtype=torch.int64, device=dev)
+    near_s = torch.full((nq, n_seg, near), float("-inf"), device=dev)
+    near_i = torch.full((nq, n_seg, near), -1, dtype=torch.int64, device=dev)
+    lost = torch.full((nq, n_seg), float("-inf"), device=dev)
+    q32 = queries.float()
+    for s in range(n_seg):
+        lo, hi = bounds[s], bounds[s + 1]
+        if hi == lo:
+            continue
+        sc = q32 @ keys[lo:hi].float().T
+        order = torch.argsort(sc, dim=1, descending=True, stable=True)  # ties: lowest index
+        top = sc.gather(1, order)
+        score[:, s], index[:, s] = top[:, 0], order[:, 0] + lo
+        inside = top >= (top[:, :1] - win[:, None].float() * float(scale[s]))
+        w = min(near, hi - lo)
+        near_s[:, s, :w] = torch.where(inside[:, :w], top[:, :w], float("-inf"))
+        near_i[:, s, :w] = torch.where(inside[:, :w], order[:, :w] + lo, -1)
+        if hi - lo > near:
+            lost[:, s] = torch.where(inside[:, near], top[:, near], float("-inf"))
+    return Top1(score, index, near_s, near_i, lost, offsets.to(dev))
+
+
+def mips_top1(queries, keys, offsets=None, *, window=None, segment_scale=None, near: int = 8,
+              precision: str = "ieee", splits: int | None = None) -> Top1:
+    """Screened top-1 per (query, key segment) on tensor cores, with the keys near it.
+
+    ``queries`` [nq, d] and ``keys`` [nk, d] share a dtype: bf16 or fp16 (tensor-core
+    products of the 16-bit values, exact, fp32 accumulation) or fp32 (``precision``
+    ``"tf32"`` on tensor cores or ``"ieee"`` exact). Convert the keys once per shard, not per
+    call. ``offsets`` (int64 [S + 1]) cuts the keys into segments (IVF partitions); without
+    it the launcher splits the key range for parallelism (``Top1.offsets`` says how).
+
+    Guarantee, for each (query i, segment s) with ``w = window[i] * segment_scale[s]``: every
+    key of the segment other than ``index`` and ``near_index`` has a screened score below
+    ``score - w`` (up to one fp32 rounding of that difference) or at most ``lost``. Callers
+    turn that into a certified bound (``amips.labels``).
+    """
+    _check_top1_inputs(queries, keys, offsets, window, segment_scale, near)
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"precision: expected 'ieee' or 'tf32' (16-bit inputs set their own), got {precision!r}")
+    if not use_triton(queries, keys):
+        return mips_top1_ref(queries, keys, offsets, window=window, segment_scale=segment_scale,
+                             near=near, splits=splits or 1)
+    nq, d = queries.shape
+    nk = keys.shape[0]
+    dev = queries.device
+    operand = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(queries.dtype, precision)
+    queries = queries.contiguous()
+    keys = keys.contiguous()
+    if queries.is_cuda:
+        from ._audit import device_spec
+
+        cfg = mips_top1_launch_config(nq, nk, d, n_segments=None if offsets is None else offsets.numel() - 1,
+                                      operand=operand, near=near, device=device_spec(dev))
+    else:
+        cfg = dict(_INTERPRETER_CONFIG, ONE_CHUNK=d <= 16, NEAR=near, EMIT=2, splits=1)
+    if offsets is None:
+        n_split = splits or cfg["splits"]
+        offsets = torch.linspace(0, nk, n_split + 1, dtype=torch.float64).round().to(torch.int64)
+        scale = (segment_scale.float() if segment_scale is not None else torch.ones(1)).to(dev).expand(n_split)
+    else:
+        scale = segment_scale.float() if segment_scale is not None else torch.ones(offsets.numel() - 1)
+    offsets = offsets.to(dev)
+    scale = scale.to(dev).contiguous()
+    win = (window.float() if window is not None else torch.zeros(nq)).to(dev).contiguous()
+    n_seg = offsets.numel() - 1
+    score = torch.empty((nq, n_seg), dtype=torch.float32, device=dev)
+    index = torch.empty((nq, n_seg), dtype=torch.int32, device=dev)
+    near_s = torch.empty((nq, n_seg, near), dtype=torch.float32, device=dev)
+    near_i = torch.empty((nq, n_seg, near), dtype=torch.int32, device=dev)
+    lost = torch.empty((nq, n_seg), dtype=torch.float32, device=dev)
+    if nq == 0:
+        return Top1(score, index.long(), near_s, near_i.long(), lost, offsets)
+
+    # 16-byte aligned bases and rows let the kernel promise vector loads (cp.async pipelining)
+    aligned = all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (queries, keys))
+
+    def launch():
+        grid = (triton.cdiv(nq, cfg["BLOCK_M"]), n_seg)
+        _mips_top1_kernel[grid](
+            queries, keys, offsets, win, scale, score, index, near_s, near_i, lost,
+            nq, d, n_seg, queries.stride(0), keys.stride(0),
+            NEAR=near, EMIT=cfg["EMIT"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+            ONE_CHUNK=cfg["ONE_CHUNK"], EVEN_D=d % cfg["BLOCK_D"] == 0, ALIGNED=aligned, PRECISION="tf32" if operand != "ieee" else "ieee",
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        near_index = torch.where(torch.isneginf(near_s), torch.full_like(near_i, -1), near_i).long()
+        return Top1(score, index.long(), near_s, near_index, lost, offsets)
+
+    def fallback():
+        return mips_top1_ref(queries, keys, offsets, window=window, segment_scale=scale, near=near)
+
+    return launch_or_fallback("_mips_top1_kernel", launch, fallback)
+
+
+def top1_merged(result: Top1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score [nq], index [nq]): the best over all segments, lowest index among ties."""
+    big = torch.iinfo(torch.int64).max
+    idx = result.index.masked_fill(result.index < 0, big)
+    s, i = _merge_sorted_topk(result.score, idx, 1)
+    i = i.masked_fill(i == big, -1)
+    return s[:, 0], i[:, 0]
+
+
 def mips_topk(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -266,73 +555,27 @@ def mips_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-KP keys per query and per key segment, sorted by (score desc, index asc).
 
-    Runs the Triton kernel on CUDA tensors (or under ``TRITON_INTERPRET=1``), else
-    :func:`mips_topk_ref`. Without ``offsets`` the key range is cut into ``splits`` equal
-    segments for parallelism and the result merged to ``[nq, 1, KP]``.
+    ``kp == 1`` runs the top-1 kernel (:func:`mips_top1`) on CUDA tensors (or under
+    ``TRITON_INTERPRET=1``); ``kp > 1`` runs :func:`mips_topk_ref` (blocked matrix products
+    and a sort, on the tensors' device: for top-k, cuBLAS products with a top-k selection
+    beat a streaming top-k held in a kernel's registers). Without ``offsets`` the result is
+    ``[nq, 1, KP]``; with them ``[nq, n_segments, KP]``.
     """
     _check_inputs(queries, keys, kp, offsets)
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     if keys.shape[0] >= _INT32_MAX:
         raise ValueError("keys: more than 2**31 - 1 keys in one call; shard them")
-    forced_ref = queries.dtype == torch.float64 or not use_triton(queries, keys)
-    if forced_ref:
+    if kp > 1 or queries.dtype == torch.float64 or not use_triton(queries, keys):
         return mips_topk_ref(queries, keys, kp, offsets)
-
-    nq, d = queries.shape
-    nk = keys.shape[0]
-    queries = queries.contiguous()
-    keys = keys.contiguous()
-    merge = offsets is None
-    interpret = not queries.is_cuda
-    if merge:
-        if splits is None:
-            if interpret:
-                splits = 1
-            else:
-                sms = torch.cuda.get_device_properties(queries.device).multi_processor_count
-                m_blocks = triton.cdiv(nq, 64)
-                splits = max(1, min(triton.cdiv(nk, 1024), triton.cdiv(4 * sms, m_blocks)))
-        bounds = torch.linspace(0, nk, splits + 1, dtype=torch.float64).round().to(torch.int64)
-        offsets = bounds.to(queries.device)
-    else:
-        offsets = offsets.to(queries.device)
-    n_seg = offsets.numel() - 1
-    kp_pow2 = _next_pow2(kp)
-    if interpret:
-        block_m, block_n, block_d = 16, 16, 16
-    else:
-        block_m, block_n = 64, 128
-        block_d = 64 if d >= 64 else max(16, _next_pow2(d))
-    out_s = torch.empty((nq, n_seg, kp_pow2), dtype=torch.float32, device=queries.device)
-    out_i = torch.empty((nq, n_seg, kp_pow2), dtype=torch.int64, device=queries.device)
-    grid = (triton.cdiv(nq, block_m), n_seg)
-    _mips_topk_kernel[grid](
-        queries,
-        keys,
-        offsets,
-        out_s,
-        out_i,
-        nq,
-        d,
-        queries.stride(0),
-        queries.stride(1),
-        keys.stride(0),
-        keys.stride(1),
-        out_s.stride(0),
-        out_s.stride(1),
-        KP=kp_pow2,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        PRECISION=precision,
-        num_warps=4 if interpret else 8,
-    )
-    if merge:
-        flat_s = out_s.reshape(nq, 1, n_seg * kp_pow2)
-        flat_i = out_i.reshape(nq, 1, n_seg * kp_pow2)
-        return _merge_sorted_topk(flat_s, flat_i, kp)
-    return _merge_sorted_topk(out_s, out_i, kp)
+    if precision == "bf16":
+        queries, keys = queries.to(torch.bfloat16), keys.to(torch.bfloat16)
+        precision = "ieee"
+    res = mips_top1(queries, keys, offsets, precision=precision, splits=splits)
+    if offsets is None:
+        s, i = top1_merged(res)
+        return s[:, None, None], i[:, None, None]
+    return res.score[..., None], res.index[..., None]
 
 
 def backend_name(*tensors: torch.Tensor) -> str:
@@ -340,8 +583,67 @@ def backend_name(*tensors: torch.Tensor) -> str:
     return "triton" if use_triton(*tensors) else "torch"
 
 
+# --- compile audit: the production shapes, through the launcher's own config rule ---------
+
+_AUDIT_D = (64, 128, 384, 768)
+_AUDIT_NQ = (1, 64, 1000, 4096, 65536, 262144)
+_AUDIT_NK = 1 << 20  # the labeler's default shard
+_AUDIT_PARTITIONS = 1000  # IVF lists of 1M keys
+
+
+def audit_cases(device) -> list:
+    """Every distinct compiled configuration of ``_mips_top1_kernel`` at production shapes.
+
+    Labels at d in {64, 128, 384, 768}, nq from 1 to 262,144, one key shard of 2**20 keys,
+    screening operand bf16 (the CUDA default), tf32 and exact ieee fp32 (the certification's
+    re-screen), without partitions (near = 8) and with 1,000 partitions (near = 4). Top-k for
+    k in {10, 100} screens with cuBLAS products and ``torch.topk`` (no Triton kernel).
+    """
+    from ._audit import AuditCase, dedupe
+
+    if triton is None:  # pragma: no cover
+        return []
+    cases = []
+    for operand in OPERANDS:
+        if operand == "fp16":
+            continue  # labels never screen in fp16; same code path as bf16
+        for d in _AUDIT_D:
+            for nq in _AUDIT_NQ:
+                for n_seg, near in ((None, 8), (_AUDIT_PARTITIONS, 4)):
+                    cfg = mips_top1_launch_config(nq, _AUDIT_NK, d, n_segments=n_seg, operand=operand,
+                                                  near=near, device=device)
+                    ty = _TRITON_TYPE[operand]
+                    sig = {
+                        "q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "offsets_ptr": "*i64", "window_ptr": "*fp32",
+                        "scale_ptr": "*fp32", "best_s_ptr": "*fp32", "best_i_ptr": "*i32",
+                        "near_s_ptr": "*fp32", "near_i_ptr": "*i32", "lost_ptr": "*fp32",
+                        "nq": "i32", "d": "i32", "n_seg": "i32", "stride_qm": "i32", "stride_kn": "i32",
+                        "NEAR": "constexpr", "EMIT": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                        "BLOCK_D": "constexpr", "ONE_CHUNK": "constexpr", "EVEN_D": "constexpr",
+                        "ALIGNED": "constexpr", "PRECISION": "constexpr",
+                    }
+                    const = {"NEAR": near, "EMIT": cfg["EMIT"], "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+                             "BLOCK_D": cfg["BLOCK_D"], "ONE_CHUNK": cfg["ONE_CHUNK"],
+                             "EVEN_D": d % cfg["BLOCK_D"] == 0, "ALIGNED": d % 16 == 0,
+                             "PRECISION": "ieee" if operand == "ieee" else "tf32"}
+                    name = (f"{operand}_m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}d{cfg['BLOCK_D']}"
+                            f"{'' if d % cfg['BLOCK_D'] == 0 else '_oddd'}{'_once' if cfg['ONE_CHUNK'] else ''}_near{near}_w{cfg['num_warps']}"
+                            f"s{cfg['num_stages']}")
+                    shapes = f"d={d} nq={nq} " + ("partitions=1000" if n_seg else f"splits={cfg['splits']}")
+                    cases.append(AuditCase(_mips_top1_kernel, sig, const, cfg["num_warps"], cfg["num_stages"],
+                                           name, matrix=True, exact_fp32=operand == "ieee", shapes=shapes))
+    return dedupe(cases)
+
+
 __all__ = [
     "PRECISIONS",
+    "OPERANDS",
+    "Top1",
+    "mips_top1",
+    "mips_top1_ref",
+    "mips_top1_launch_config",
+    "top1_merged",
+    "audit_cases",
     "screening_error_bound",
     "mips_topk",
     "mips_topk_ref",

@@ -3,6 +3,7 @@ and an fp64 brute force, tie-aware."""
 
 import pytest
 import torch
+
 from amips.kernels import ivf_scan as mod
 
 
@@ -126,3 +127,72 @@ def test_triton_on_cuda_larger_shapes():
     ref_s, ref_p = _brute(q, keys, offsets, probes, 10)
     s, p = mod.ivf_scan(q.cuda(), keys.cuda(), offsets.cuda(), probes.cuda(), 10)
     _check_tie_aware(s.cpu(), p.cpu(), ref_s, ref_p, q, keys, tol=1e-3)
+
+
+# --- the batched kernel (lists grouped, read once per chunk) and the per-query kernel ------
+
+@pytest.mark.parametrize("mode", ["batched", "per_query"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_both_kernels_match_fp64_brute_force(mode, dtype):
+    q, keys, offsets, probes = _case(d=20, seed=2, dtype=dtype)
+    ref_s, ref_p = _brute(q, keys.float(), offsets, probes, 6)
+    s, p = mod.ivf_scan(q, keys, offsets, probes, 6, mode=mode)
+    # the query is split into exact 16-bit terms: scores are fp32-accurate, not 16-bit
+    _check_tie_aware(s, p, ref_s, ref_p, q, keys.float(), tol=1e-4)
+
+
+def test_batched_kernel_chunks_few_queries_empty_lists_and_ties():
+    q, keys, offsets, probes = _case(n_lists=10, nq=3, nprobe=5, seed=5)  # nq below a block
+    probes[1] = torch.tensor([0, -1, 0, 4, -1])  # an empty list probed twice, a 3-key list
+    keys[[60, 61]] = keys[62].clone()  # ties across the rows of one list
+    ref_s, ref_p = _brute(q, keys, offsets, probes, 4)
+    s, p = mod.ivf_scan(q, keys, offsets, probes, 4, mode="batched")
+    _check_tie_aware(s, p, ref_s, ref_p, q, keys)
+    cfg = dict(mod._INTERPRETER_BATCHED)
+    s2, p2 = mod._scan_batched(q, keys, offsets, probes, 4, cfg, max_buffer=200)  # one query a chunk
+    assert torch.equal(p2, p) and torch.allclose(s2, s)
+    nothing = torch.full((2, 3), -1, dtype=torch.int64)
+    s3, p3 = mod.ivf_scan(q[:2], keys, offsets, nothing, 2, mode="batched")
+    assert torch.isneginf(s3).all() and (p3 == -1).all()
+
+
+def test_mode_is_checked():
+    q, keys, offsets, probes = _case()
+    with pytest.raises(ValueError, match="mode"):
+        mod.ivf_scan(q, keys, offsets, probes, 3, mode="fast")
+
+
+@pytest.mark.parametrize("device", ["H100", "A100"])
+def test_launch_config_rule_at_audit_shapes(device):
+    from amips.kernels import _audit
+
+    dev = getattr(_audit, device)
+    for key_dtype, elem in (("fp16", 2), ("bf16", 2), ("fp32", 4)):
+        for d in mod._AUDIT_D:
+            for nq in mod._AUDIT_NQ:
+                for nprobe in mod._AUDIT_NPROBE:
+                    for mean_list in mod._AUDIT_LISTS:
+                        cfg = mod.ivf_scan_launch_config(nq, nprobe, d, mean_list, 10, key_dtype=key_dtype, device=dev)
+                        if cfg["mode"] == "per_query":
+                            assert nq <= dev.sm_count and nprobe * mean_list * d * elem < 60e-6 * 40e9
+                            assert cfg["K_PAD"] >= 10 and cfg["BLOCK_D"] <= 32
+                        else:
+                            smem = cfg["num_stages"] * cfg["BLOCK_D"] * elem * (
+                                cfg["BLOCK_N"] + cfg["TERMS"] * cfg["BLOCK_M"])
+                            assert smem < dev.max_shared_bytes and cfg["BLOCK_M"] >= 64
+    # a large batch always takes the batched kernel; one query with a tiny scan the per-query one
+    assert mod.ivf_scan_launch_config(65536, 32, 384, 1000, 10, device=dev)["mode"] == "batched"
+    assert mod.ivf_scan_launch_config(1, 1, 64, 250, 10, device=dev)["mode"] == "per_query"
+    with pytest.raises(ValueError, match="key_dtype"):
+        mod.ivf_scan_launch_config(1, 1, 64, 250, 10, key_dtype="int8", device=dev)
+
+
+def test_audit_cases_cover_both_kernels():
+    from amips.kernels import _audit
+
+    cases = mod.audit_cases(_audit.H100)
+    kinds = {c.kernel_name for c in cases}
+    assert kinds == {"_ivf_scan_kernel", "_ivf_scan_batched_kernel"}
+    assert all(c.matrix == (c.kernel_name == "_ivf_scan_batched_kernel") for c in cases)
+    for c in cases:
+        assert set(k for k, v in c.signature.items() if v == "constexpr") == set(c.constexprs)

@@ -32,6 +32,7 @@ from .screen import (
     _load_shard,
     _screen_partitions,
     _screen_partitions_cpu,
+    _screen_top1,
     _screen_top1_cpu_bf16,
     _screen_topk,
     _Shard,
@@ -121,7 +122,9 @@ class BatchLabeler:
         lossy_q = q64 is not None and not torch.equal(q.double(), q64)
         k = self.spec.topk or 1
         if self._needs_top_screen:
-            if self.spec.topk is None and not _use_kernel(q) and self.precision == "bf16":
+            if self.spec.topk is None and _use_kernel(q):
+                cand = _screen_top1(q, shard, self.precision)
+            elif self.spec.topk is None and self.precision == "bf16":
                 cand = _screen_top1_cpu_bf16(q, shard)
             else:
                 cand = _screen_topk(q, shard, _screen_width(k, self.precision), self.precision)
@@ -182,7 +185,10 @@ class BatchLabeler:
             cand = None
             for j in range(self.n_shards):
                 shard = self.shard(j)
-                screened = _screen_topk(q[bad], shard, _screen_width(k, "fp32") + 3, "fp32")
+                if self.spec.topk is None and _use_kernel(q):
+                    screened = _screen_top1(q[bad], shard, "fp32")
+                else:
+                    screened = _screen_topk(q[bad], shard, _screen_width(k, "fp32") + 3, "fp32")
                 screened = self._widen(screened, q[bad], shard, self._lossy_q)
                 cand = _merge(cand, screened, k)
             rs, ri, rok = _certify_and_refine(cand, k, q64[bad], self.keys)

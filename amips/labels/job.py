@@ -305,8 +305,12 @@ def _read_manifest(path: Path) -> dict:
 def _screen_description(device: torch.device, precision: str, topk: int | None, partitions: bool) -> dict:
     """Which screen produced each output (the certification makes all of them exact)."""
     if device.type == "cuda":
-        kernel = f"triton mips_topk ({precision})"
-        return {"top": kernel, "partitions": kernel if partitions else None, "rescreen": "triton (ieee fp32)"}
+        kernel = f"triton mips_top1 ({precision})"
+        top = kernel if topk is None else f"cuBLAS products + torch.topk ({precision})"
+        if partitions and topk is None:
+            top = "derived from the per-partition results"
+        return {"top": top, "partitions": kernel if partitions else None,
+                "rescreen": "triton mips_top1 (ieee fp32)" if topk is None else "cuBLAS fp32 + torch.topk"}
     top = "cpu bf16 threshold" if (precision == "bf16" and topk is None) else "faiss/torch fp32 top-k"
     if partitions and topk is None:
         top = "derived from the per-partition results"

@@ -13,7 +13,7 @@ from .._validate import (
     InputError,
     all_finite,
 )
-from ..kernels.mips_topk import mips_topk, mips_topk_ref, screening_error_bound
+from ..kernels.mips_topk import mips_top1, mips_topk, screening_error_bound
 from .certify import Candidates, KeySource, _cap
 
 # CPU bf16 screen tiles: 1024 queries x 4096 keys keep a score tile in cache
@@ -58,6 +58,15 @@ class _Shard:
     norms: torch.Tensor  # fp64 [n]
     keys_bf16: torch.Tensor | None = None
     block_norm_max: torch.Tensor | None = None  # fp64 [n_blocks] for the CPU bf16 screen
+    grouped: dict | None = None  # keys grouped by partition, for the kernel (built once)
+
+    def keys_as(self, operand: str) -> torch.Tensor:
+        """The shard's keys in a screening operand's dtype, converted once per shard."""
+        if operand != "bf16":
+            return self.keys
+        if self.keys_bf16 is None:
+            self.keys_bf16 = self.keys.to(torch.bfloat16)
+        return self.keys_bf16
 
 
 def _load_shard(keys: KeySource, start: int, stop: int, device: torch.device, precision: str) -> _Shard:
@@ -88,17 +97,117 @@ def _kernel_precision(q: torch.Tensor, precision: str) -> tuple[str, str]:
     return {"fp32": "ieee", "tf32": "tf32", "bf16": "bf16"}[precision], precision
 
 
+# A key kept by the top-1 kernel's window is within 2E + delta of its segment's best
+# screened score, delta = _DELTA ||q|| max||k|| absorbing the fp32 rounding of the window.
+_DELTA = 1e-6
+
+
+def _top1_window(q: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qn fp64 [B], window fp32 [B]) with window >= (2c + _DELTA) * qn after rounding."""
+    qn = torch.linalg.vector_norm(q.double(), dim=1) * (1 + 1e-5)
+    window = ((2 * c + _DELTA) * qn * (1 + 1e-6)).float()
+    return qn, window
+
+
+def _up32(x: torch.Tensor) -> torch.Tensor:
+    """fp64 -> the smallest fp32 values not below ``x``."""
+    y = x.float()
+    return torch.where(y.double() < x, torch.nextafter(y, torch.full_like(y, math.inf)), y)
+
+
+def _window_candidates(res, scale_err: torch.Tensor, scale_delta: torch.Tensor, start: int,
+                       remap: torch.Tensor | None = None):
+    """(scores, index, err, best, upper) from a mips_top1 result.
+
+    ``scale_err`` / ``scale_delta`` [B, S] are E and delta per (query, segment). Every key not
+    returned has exact score <= upper (see mips_top1's guarantee and the module docstring).
+    """
+    near_i = res.near_index.masked_fill(res.near_index == res.index[..., None], -1)
+    idx = torch.cat([res.index[..., None], near_i], -1)
+    s = torch.cat([res.score[..., None], res.near_score.masked_fill(near_i < 0, -math.inf)], -1)
+    if remap is not None:
+        idx = torch.where(idx >= 0, remap[idx.clamp_min(0)], idx)
+    idx = torch.where(idx >= 0, idx + start, idx)
+    best = res.score.double()
+    # keys outside the window: exact < best - E - delta/2; keys that fell out: <= lost + E
+    upper = torch.maximum(best - scale_err - scale_delta / 2, res.lost.double() + scale_err)
+    err = scale_err[..., None].expand_as(s).masked_fill(idx < 0, 0.0)
+    return s, idx, err, upper
+
+
+def _screen_top1(q: torch.Tensor, shard: _Shard, precision: str) -> Candidates:
+    """Top-1 screen with the fused kernel: each split's best key and the keys in its window."""
+    operand, bound_precision = _kernel_precision(q, precision)
+    c = screening_error_bound(q.shape[1], bound_precision)
+    qn, window = _top1_window(q, c)
+    kn = shard.norms.max()
+    q_op = q.to(torch.bfloat16) if operand == "bf16" else q
+    res = mips_top1(q_op, shard.keys_as(operand), window=window, segment_scale=_up32(kn.reshape(1)),
+                    near=8, precision="ieee" if operand == "bf16" else operand)
+    n_split = res.score.shape[1]
+    e = (c * qn * kn)[:, None].expand(-1, n_split)
+    s, idx, err, upper = _window_candidates(res, e, (_DELTA * qn * kn)[:, None].expand(-1, n_split), shard.start)
+    b = q.shape[0]
+    upper = upper.amax(1)
+    return Candidates(s.reshape(b, -1).float(), idx.reshape(b, -1), err.reshape(b, -1), upper)
+
+
+class _matmul_flags:
+    """cuBLAS in the precision the bound assumes: tf32 only when asked; no reduced-precision
+    (16-bit) split-K reductions, so a bf16 product is fp32-accumulated and rounded once."""
+
+    def __init__(self, tf32: bool):
+        self.tf32 = tf32
+
+    def __enter__(self):
+        m = torch.backends.cuda.matmul
+        self.saved = (m.allow_tf32, m.allow_bf16_reduced_precision_reduction)
+        m.allow_tf32 = self.tf32
+        m.allow_bf16_reduced_precision_reduction = False
+
+    def __exit__(self, *exc):
+        m = torch.backends.cuda.matmul
+        m.allow_tf32, m.allow_bf16_reduced_precision_reduction = self.saved
+
+
+def _cuda_topk(q: torch.Tensor, shard: _Shard, kp: int, precision: str):
+    """Screened top-kp on CUDA: chunked cuBLAS products + torch.topk. Returns (s, i, bound)."""
+    operand = {"fp32": "ieee", "tf32": "tf32", "bf16": "bf16"}[precision]
+    keys = shard.keys_as(operand)
+    q_op = q.to(keys.dtype)
+    n = keys.shape[0]
+    kp_eff = min(kp, n)
+    chunk = max(kp_eff, min(n, (1 << 28) // max(1, q.shape[0])))  # <= 2**28 scores per product
+    best_s = best_i = None
+    with _matmul_flags(operand == "tf32"):
+        for a in range(0, n, chunk):
+            blk = q_op @ keys[a : a + chunk].T
+            v, j = torch.topk(blk, min(kp_eff, blk.shape[1]), dim=1)
+            v, j = v.float(), j + a
+            if best_s is not None:
+                v, pos = torch.topk(torch.cat([best_s, v], 1), kp_eff, dim=1)
+                j = torch.cat([best_i, j], 1).gather(1, pos)
+            best_s, best_i = v, j
+    if kp_eff < kp:
+        best_s = torch.nn.functional.pad(best_s, (0, kp - kp_eff), value=-math.inf)
+        best_i = torch.nn.functional.pad(best_i, (0, kp - kp_eff), value=-1)
+    bound = screening_error_bound(q.shape[1], precision if precision != "bf16" else "bf16",
+                                  bf16_output=precision == "bf16")
+    return best_s, best_i, bound
+
+
 def _screen_topk(q: torch.Tensor, shard: _Shard, kp: int, precision: str) -> Candidates:
     """Screened top-kp over a whole shard (kernel on GPU, faiss/torch fp32 on CPU)."""
     d = q.shape[1]
-    if _use_kernel(q):
-        kernel_precision, bound_precision = _kernel_precision(q, precision)
-        s, i = mips_topk(q, shard.keys, kp, precision=kernel_precision)
-        s, i = s[:, 0], i[:, 0]
+    if q.is_cuda:
+        s, i, c = _cuda_topk(q, shard, kp, precision)
     else:
-        s, i = _cpu_fp32_topk(q, shard.keys, kp)
-        bound_precision = "fp32"
-    c = screening_error_bound(d, bound_precision)
+        if _use_kernel(q):  # forced Triton on CPU (interpreter): the reference top-k
+            s, i = mips_topk(q, shard.keys, kp)
+            s, i = s[:, 0], i[:, 0]
+        else:
+            s, i = _cpu_fp32_topk(q, shard.keys, kp)
+        c = screening_error_bound(d, "fp32")
     qn = torch.linalg.vector_norm(q.double(), dim=1)
     err_row = c * qn * shard.norms.max()
     err = err_row[:, None].expand_as(s).clone()
@@ -292,28 +401,30 @@ def _screen_partitions_cpu(
 def _screen_partitions(
     q: torch.Tensor, shard: _Shard, part_ids: torch.Tensor, n_partitions: int, kp: int, precision: str
 ) -> Candidates:
-    """Screened top-kp inside every partition of the shard: Candidates of shape [B, P, kp]."""
-    device = q.device
-    order = torch.argsort(part_ids, stable=True)
-    counts = torch.bincount(part_ids, minlength=n_partitions)
-    offsets = torch.zeros(n_partitions + 1, dtype=torch.int64, device=device)
-    offsets[1:] = torch.cumsum(counts, 0)
-    grouped = shard.keys[order].contiguous()
-    if _use_kernel(q):
-        kernel_precision, bound_precision = _kernel_precision(q, precision)
-        s, i = mips_topk(q, grouped, kp, offsets, precision=kernel_precision)
-    else:
-        s, i = mips_topk_ref(q, grouped, kp, offsets.cpu())
-        bound_precision = "fp32"
+    """Per-partition top-1 screen with the fused kernel: Candidates of shape [B, P, 1 + 4].
+
+    Each (query, partition) keeps its best screened key and the keys inside its window;
+    ``kp`` is unused (kept for callers of the old top-kp screen).
+    """
+    operand, bound_precision = _kernel_precision(q, precision)
+    if shard.grouped is None or shard.grouped["n"] != n_partitions:
+        order = torch.argsort(part_ids, stable=True)
+        counts = torch.bincount(part_ids, minlength=n_partitions)
+        offsets = torch.zeros(n_partitions + 1, dtype=torch.int64, device=part_ids.device)
+        offsets[1:] = torch.cumsum(counts, 0)
+        seg_norm = torch.zeros(n_partitions, dtype=torch.float64, device=part_ids.device)
+        seg_norm.scatter_reduce_(0, part_ids, shard.norms, reduce="amax")
+        shard.grouped = {"n": n_partitions, "order": order, "offsets": offsets, "seg_norm": seg_norm,
+                         "keys": {}}
+    g = shard.grouped
+    if operand not in g["keys"]:  # grouped and converted once per shard
+        g["keys"][operand] = shard.keys_as(operand)[g["order"]].contiguous()
     c = screening_error_bound(q.shape[1], bound_precision)
-    seg_norm = torch.zeros(n_partitions, dtype=torch.float64, device=device)
-    seg_norm.scatter_reduce_(0, part_ids, shard.norms, reduce="amax")
-    qn = torch.linalg.vector_norm(q.double(), dim=1)
-    err_bp = c * qn[:, None] * seg_norm[None, :]
-    err = err_bp[..., None].expand_as(s).clone().masked_fill(i < 0, 0.0)
-    full = (counts > kp)[None, :] & (i[..., -1] >= 0)
-    upper = torch.where(full, s[..., -1].double() + err_bp, torch.full_like(err_bp, -math.inf))
-    index = torch.where(i >= 0, order[i.clamp_min(0)] + shard.start, i)
-    return Candidates(s.float(), index, err, upper)
-
-
+    qn, window = _top1_window(q, c)
+    q_op = q.to(torch.bfloat16) if operand == "bf16" else q
+    res = mips_top1(q_op, g["keys"][operand], g["offsets"], window=window, segment_scale=_up32(g["seg_norm"]),
+                    near=4, precision="ieee" if operand == "bf16" else operand)
+    e = c * qn[:, None] * g["seg_norm"][None, :]
+    s, idx, err, upper = _window_candidates(res, e, _DELTA * qn[:, None] * g["seg_norm"][None, :],
+                                            shard.start, remap=g["order"])
+    return Candidates(s.float(), idx, err, upper)
