@@ -259,10 +259,11 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     rows = [{**r, **meta} for r in rows]
     OUT.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, OUT / f"scale{'_' + args.only.replace(',', '_') if args.only else ''}.csv")
+    stem = "scale" + ("_" + args.only.replace(",", "_") if args.only else "")
+    write_csv(rows, OUT / f"{stem}.csv")
     perf = [r for r in rows if r["bench"] != "check"]
     if perf:
-        plot(perf, OUT / "scale.png")
+        plot(perf, OUT / f"{stem}.png")
     print(f"\n{meta['device']}, {meta['git_sha']}, {meta['date']}, load average now {os.getloadavg()[0]:.1f}")
     print(f"{'bench':14s} {'ranks':>5s} {'throughput':>16s} {'per rank':>14s} {'per rank / 1':>12s} {'load':>6s}")
     for r in perf:
@@ -271,7 +272,7 @@ def main() -> None:
     for r in rows:
         if r["bench"] == "check":
             print(f"check {r['data']:8s} {r['output']:14s} byte-equal: {r['byte_equal']}")
-    print(f"wrote {OUT / 'scale.csv'}" + (f", {OUT / 'scale.png'}" if perf else ""))
+    print(f"wrote {OUT / (stem + '.csv')}" + (f", {OUT / (stem + '.png')}" if perf else ""))
 
 
 if __name__ == "__main__":
