@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 from pathlib import Path
 
@@ -101,7 +102,9 @@ def session(device: str = "cpu"):
             )
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
-    kwargs = {"device_id": torch.device(device)} if backend == "nccl" else {}
+    kwargs = {}
+    if backend == "nccl" and "device_id" in inspect.signature(dist.init_process_group).parameters:
+        kwargs["device_id"] = torch.device(device)  # binds the communicator now (torch >= 2.3)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s()), **kwargs)
     try:
         yield device
