@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 from pathlib import Path
 
@@ -101,7 +102,9 @@ def session(device: str = "cpu"):
             )
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
-    kwargs = {"device_id": torch.device(device)} if backend == "nccl" else {}
+    kwargs = {}
+    if backend == "nccl" and "device_id" in inspect.signature(dist.init_process_group).parameters:
+        kwargs["device_id"] = torch.device(device)  # binds the communicator now (torch >= 2.3)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s()), **kwargs)
     try:
         yield device
@@ -286,7 +289,7 @@ def train_distributed(keys, queries, out, config=None, *, labels_dir=None, parti
     if inp.dev.type == "cuda" and inp.dev.index is None:
         inp.dev = torch.device("cuda", torch.cuda.current_device())
     agree({
-        "train": {k: v for k, v in cfg.to_dict().items() if k not in T.TrainConfig.MUTABLE},
+        **{k: v for k, v in cfg.to_dict().items() if k not in T.TrainConfig.MUTABLE},
         "keys": [list(inp.keys_t.shape), _fingerprint(inp.keys_t)],
         "queries": [list(inp.q_t.shape), _fingerprint(inp.q_t)],
         "partitions": inp.part_sha, "resume": bool(resume), "labels": labels_dir is not None,
@@ -296,11 +299,10 @@ def train_distributed(keys, queries, out, config=None, *, labels_dir=None, parti
 
     def folder():
         cfg2, model_cfg, run_cfg = T._prepare_run_folder(root, cfg, inp, resume)
-        run_cfg_world = dict(run_cfg)
         lab, train_idx, val_idx = T._run_labels(root, cfg2, inp, labels_dir, progress)
         ckpt = T._read_checkpoint(root) if resume else None
         T._resume_metrics(root, ckpt[1] if ckpt is not None else None)
-        return cfg2, model_cfg, run_cfg_world, lab, train_idx, val_idx, ckpt
+        return cfg2, model_cfg, run_cfg, lab, train_idx, val_idx, ckpt
 
     cfg, model_cfg, run_cfg, lab, train_idx, val_idx, ckpt = from_rank0(folder, "train")
     m = T._setup_model(cfg, model_cfg, inp, lab, train_idx)

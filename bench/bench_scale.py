@@ -79,6 +79,34 @@ def labels_run(ranks: int, keys: Path, queries: Path, out: Path, extra=()) -> di
             "load_1min": round((load0 + os.getloadavg()[0]) / 2, 2), "world_size": manifest.get("world_size", 1)}
 
 
+def labels_cpu_run(ranks: int, keys: Path, queries: Path, out: Path) -> dict:
+    """The same job through :func:`driver`: every rank's CPU seconds inside the job, so the
+    pairs per CPU-second of a rank show the distributed overhead apart from the scheduler."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, __file__, "--driver", str(keys), str(queries), str(out)]
+    if ranks > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+               "--master-port", str(_port()), *cmd[1:]]
+    run(cmd)
+    per = [json.loads((out / f"cpu_rank{r}.json").read_text()) for r in range(ranks)]
+    manifest = json.loads((out / "labels.json").read_text())
+    pairs_rank = manifest["n_queries"] * manifest["n_keys"] / ranks
+    return {"pairs_per_cpu_s_per_rank": min(pairs_rank / p["cpu_s"] for p in per),
+            "cpu_s": [round(p["cpu_s"], 2) for p in per]}
+
+
+def driver(keys: str, queries: str, out: str) -> None:
+    """One rank of :func:`labels_cpu_run` (run by torchrun or alone)."""
+    from amips import distributed
+    from amips.labels import run_label_job
+
+    with distributed.session("cpu"):
+        c0 = time.process_time()
+        run_label_job(keys, queries, out, progress=False)
+        cpu = time.process_time() - c0
+        Path(out, f"cpu_rank{distributed.rank()}.json").write_text(json.dumps({"cpu_s": cpu}))
+
+
 def train_run(ranks: int, work: Path, steps: int, per_rank_batch: int) -> dict:
     out = work / f"train_{ranks}"
     shutil.rmtree(out, ignore_errors=True)
@@ -107,19 +135,28 @@ def prepare(work: Path, n_queries: int, n_train: int) -> dict:
     return {"n_keys": n, "n_queries": n_queries}
 
 
-def throughput(work: Path, repeats: int, steps: int) -> list[dict]:
+def throughput(work: Path, repeats: int, steps: int, only=()) -> list[dict]:
     from amips.labels import run_label_job
 
-    run_label_job(work / "keys.npy", work / "tq.npy", work / "tlabels", progress=False)
+    if not only or "train" in only:
+        run_label_job(work / "keys.npy", work / "tq.npy", work / "tlabels", progress=False)
     best: dict[str, dict] = {}
     plan = [("labels", 1, "keys_half.npy"), ("labels", 2, "keys.npy"),
             ("labels-strong", 1, "keys.npy"), ("labels-strong", 2, "keys.npy"),
+            ("labels-cpu", 1, "keys_half.npy"), ("labels-cpu", 2, "keys.npy"),
             ("train", 1, None), ("train", 2, None)]
+    if only:
+        plan = [p for p in plan if p[0] in only]
     for rep in range(repeats):
         for bench, ranks, keys in plan:
             if bench == "train":
                 res = train_run(ranks, work, steps, 256)
                 metric = "samples_per_s"
+            elif bench == "labels-cpu":
+                res = labels_cpu_run(ranks, work / keys, work / "q.npy", work / f"{bench}_{ranks}")
+                res = {**res, "pairs_per_cpu_s": res["pairs_per_cpu_s_per_rank"] * ranks,
+                       "seconds": float("nan"), "load_1min": round(os.getloadavg()[0], 2)}
+                metric = "pairs_per_cpu_s"
             else:
                 res = labels_run(ranks, work / keys, work / "q.npy", work / f"{bench}_{ranks}")
                 metric = "pairs_per_s"
@@ -179,7 +216,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    benches = [b for b in ("labels", "labels-strong", "train") if any(r["bench"] == b for r in rows)]
+    benches = [b for b in ("labels", "labels-strong", "labels-cpu", "train") if any(r["bench"] == b for r in rows)]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     width = 0.35
     for j, ranks in enumerate((1, 2)):
@@ -201,7 +238,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-throughput", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated benches (labels,labels-strong,labels-cpu,train)")
+    ap.add_argument("--driver", nargs=3, metavar=("KEYS", "QUERIES", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.driver:
+        return driver(*args.driver)
     if not (DATA / "wordnet" / "keys.npy").exists():
         raise SystemExit("bench_scale: needs ../shared/data/wordnet")
     repeats = 1 if args.quick else args.repeats
@@ -211,17 +252,18 @@ def main() -> None:
     try:
         prepare(work, 500 if args.quick else 2000, 5000 if args.quick else 20000)
         if not args.no_throughput:
-            rows += throughput(work, repeats, 30 if args.quick else 60)
+            rows += throughput(work, repeats, 30 if args.quick else 60, [b for b in args.only.split(',') if b])
         if not args.no_check:
             rows += check(work, 500 if args.quick else 2000)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = [{**r, **meta} for r in rows]
     OUT.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, OUT / "scale.csv")
+    stem = "scale" + ("_" + args.only.replace(",", "_") if args.only else "")
+    write_csv(rows, OUT / f"{stem}.csv")
     perf = [r for r in rows if r["bench"] != "check"]
     if perf:
-        plot(perf, OUT / "scale.png")
+        plot(perf, OUT / f"{stem}.png")
     print(f"\n{meta['device']}, {meta['git_sha']}, {meta['date']}, load average now {os.getloadavg()[0]:.1f}")
     print(f"{'bench':14s} {'ranks':>5s} {'throughput':>16s} {'per rank':>14s} {'per rank / 1':>12s} {'load':>6s}")
     for r in perf:
@@ -230,7 +272,7 @@ def main() -> None:
     for r in rows:
         if r["bench"] == "check":
             print(f"check {r['data']:8s} {r['output']:14s} byte-equal: {r['byte_equal']}")
-    print(f"wrote {OUT / 'scale.csv'}" + (f", {OUT / 'scale.png'}" if perf else ""))
+    print(f"wrote {OUT / (stem + '.csv')}" + (f", {OUT / (stem + '.png')}" if perf else ""))
 
 
 if __name__ == "__main__":

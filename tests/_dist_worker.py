@@ -47,9 +47,16 @@ def main(case: Path, out: Path) -> None:
             case / "keys.npy", case / "queries.npy", out / "bad_batch",
             TrainConfig(**{**spec["train"]["keynet"], "batch_size": 33}), progress=False))
 
+        expect_error("train_mismatched", lambda: train(
+            case / "keys.npy", case / "queries.npy", out / "bad_train",
+            TrainConfig(**{**spec["train"]["keynet"], "steps": 6 + r}), progress=False))
         for name, cfg in spec["train"].items():
             train(case / "keys.npy", case / "queries.npy", out / f"train_{name}", TrainConfig(**cfg),
                   partitions=case / "partitions.npy" if name != "keynet" else None, progress=False)
+        # found by rank 0 alone (it alone reads the run folder), raised on every rank
+        expect_error("existing_run", lambda: train(
+            case / "keys.npy", case / "queries.npy", out / "train_keynet",
+            TrainConfig(**spec["train"]["keynet"]), progress=False))
         train(case / "keys.npy", case / "queries.npy", case / "resume_run", TrainConfig(**spec["resume"]),
               resume=True, progress=False)
 

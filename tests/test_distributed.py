@@ -158,6 +158,9 @@ def test_bad_configurations_fail_on_every_rank(launched):
         assert "topk" in seen["errors"]["mismatched"]
         assert "only 1 keys" in seen["errors"]["too_few_keys"]
         assert "not a multiple of the world size" in seen["errors"]["batch_not_multiple"]
+        assert "arguments differ across ranks" in seen["errors"]["train_mismatched"]
+        assert "steps" in seen["errors"]["train_mismatched"]
+        assert "already holds a run" in seen["errors"]["existing_run"]
 
 
 def _metrics(run: Path) -> list[dict]:
