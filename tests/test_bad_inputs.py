@@ -473,3 +473,24 @@ def test_training_killed_while_writing_final_outputs(ws, tmp_path):
     for name in mine:
         assert torch.equal(mine[name], clean[name]), name
     amips.load_model(out)
+
+
+def test_provenance_accepts_the_same_data_in_another_dtype(tmp_path):
+    """No false refusal: an fp64 keys file, an index built from it (stored as fp32) and a
+    router trained on the same file agree; so do fp16 and fp32 copies of the same values."""
+    rng = np.random.default_rng(6)
+    np.save(tmp_path / "k.npy", rng.standard_normal((120, 8)))
+    np.save(tmp_path / "q.npy", rng.standard_normal((24, 8)).astype(np.float32))
+    assert main(["index", "build", "--keys", str(tmp_path / "k.npy"), "--n-lists", "3",
+                 "--out", str(tmp_path / "ix"), "--quiet"]) == 0
+    assert main(["train", "--keys", str(tmp_path / "k.npy"), "--queries", str(tmp_path / "q.npy"),
+                 "--model", "router-mlp", "--partitions", str(tmp_path / "ix" / "partitions.npy"),
+                 "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "8", "--noise", "0",
+                 "--device", "cpu", "--quiet", "--width", "8", "--depth", "1"]) == 0
+    index = amips.IVFIndex.load(tmp_path / "ix")
+    index.search(np.load(tmp_path / "q.npy")[:2], 3, 1, router=f"router:{tmp_path / 'run'}")
+    from amips.provenance import fingerprint
+
+    half = rng.standard_normal((10, 4)).astype(np.float16)
+    assert fingerprint(half)["sha256"] == fingerprint(half.astype(np.float32))["sha256"]
+    assert fingerprint(half)["sha256"] != fingerprint(half[::-1].copy())["sha256"]
