@@ -275,3 +275,16 @@ def run_inputs(keys, queries, partition_ids=None, *, labels_dir=None, partitions
         "queries": fingerprint(queries),
         "partitions": fingerprint(partition_ids) if partition_ids is not None else None,
     }
+
+
+def check_resume(recorded: dict | None, given: dict, root) -> None:
+    """``train --resume``: the run continues on the inputs it started with (runs from before
+    provenance recorded none and are checked by their shapes only)."""
+    if not recorded:
+        return
+    for name in ("keys", "queries", "partitions"):
+        if recorded.get(name) is None and given.get(name) is None:
+            continue
+        check_same(name, f"the run in {root} was started on other {name}", recorded.get(name),
+                   f"the given {name}", given.get(name),
+                   "resume with the inputs the run started with, or start a new run (--overwrite)")

@@ -494,3 +494,13 @@ def test_provenance_accepts_the_same_data_in_another_dtype(tmp_path):
     half = rng.standard_normal((10, 4)).astype(np.float16)
     assert fingerprint(half)["sha256"] == fingerprint(half.astype(np.float32))["sha256"]
     assert fingerprint(half)["sha256"] != fingerprint(half[::-1].copy())["sha256"]
+
+
+def test_resume_on_other_queries_is_refused(ws, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(ws["root"] / "run", run)
+    rc = main(["train", "--keys", ws["keys"], "--queries", ws["other_queries"], "--model", "keynet",
+               "--out", str(run), "--resume", "--steps", "3", "--batch-size", "16", "--noise", "0",
+               "--eval-every", "3", "--val-fraction", "0.25", "--device", "cpu", "--quiet",
+               "--width", "8", "--depth", "1"])
+    _one_line_error(capsys, rc, "train", "queries: the run in")
