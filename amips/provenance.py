@@ -103,12 +103,11 @@ def same(a: dict | None, b: dict | None) -> bool:
 def check_same(name: str, recorded_side: str, recorded: dict | None, given_side: str, given: dict,
                fix: str) -> None:
     """InputError naming both sides when ``recorded`` differs from ``given``: ``name: <recorded
-    side> (<its fingerprint>) but <given side> (<its fingerprint>); <fix>``."""
+    side: ... other X> (<its fingerprint>) than <given side> (<its fingerprint>); <fix>``."""
     if same(recorded, given):
         return
     raise InputError(
-        f"{name}: {recorded_side} ({describe(recorded)}), but {given_side} ({describe(given)}) "
-        f"differ; {fix}"
+        f"{name}: {recorded_side} ({describe(recorded)}) than {given_side} ({describe(given)}); {fix}"
     )
 
 
