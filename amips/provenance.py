@@ -164,11 +164,13 @@ def check_partitions_file(path, *, keys) -> None:
     p = Path(path)
     root = p.parent
     index_json = root / "index.json"
-    unfinished = any((root / m).exists() for m in INDEX_UNFINISHED_MARKERS)
-    looks_like_index = index_json.exists() or unfinished or (root / "lists.safetensors").exists()
+    markers = any((root / m).exists() for m in INDEX_UNFINISHED_MARKERS)
+    looks_like_index = index_json.exists() or markers or (root / "lists.safetensors").exists()
     if not looks_like_index:
         return  # a standalone partitions file (and centroids.npy): nothing to check against
-    if unfinished or not index_json.exists():
+    # index.json exists only once IVFIndex.save finished (it is removed first and written
+    # last); a leftover k-means stage file beside it is only an unfinished clean-up
+    if not index_json.exists() or (root / ".incomplete").exists():
         raise InputError(
             f"partitions: {p} belongs to an index build that did not finish ({root} has no "
             f"complete index.json); rerun `amips index build ... --out {root}` to finish it"
