@@ -238,6 +238,7 @@ def _api_cases(ws):
     queries = np.load(ws["queries"])
     root = ws["root"]
     index = amips.IVFIndex.load(root / "index")
+    huge = amips.IVFIndex.build(keys * 1e20, 2)
     nan_q = queries.copy()
     nan_q[0, 0] = np.nan
     return [
@@ -271,6 +272,7 @@ def _api_cases(ws):
         ("search-nprobe-0", lambda: index.search(queries, 5, 0), "nprobe"),
         ("search-nprobe-big", lambda: index.search(queries, 5, N_LISTS + 1), "nprobe"),
         ("search-wrong-d", lambda: index.search(queries[:, :5], 5, 2), "queries"),
+        ("search-scores-overflow", lambda: huge.search(queries * 1e20, 5, 2), "queries: scores overflow"),
         ("search-router-unfinished", lambda: index.search(queries, 5, 2, router=f"keynet:{root}/run_unfinished"), "rundir"),
         ("search-router-other-keys", lambda: index.search(queries, 5, 2, router=f"keynet:{root}/run_other_keys"), "router"),
         ("train-labels-other-keys", lambda: _train(ws, keys_name="other_keys", labels_dir=root / "labels_nopart"), "keys"),
@@ -288,6 +290,7 @@ def _train(ws, *, keys_name="keys", **kw):
 
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow case, inside the interpreter
 def test_api_bad_inputs(ws):
     failures = []
     for case_id, call, name in _api_cases(ws):
