@@ -103,12 +103,11 @@ def same(a: dict | None, b: dict | None) -> bool:
 def check_same(name: str, recorded_side: str, recorded: dict | None, given_side: str, given: dict,
                fix: str) -> None:
     """InputError naming both sides when ``recorded`` differs from ``given``: ``name: <recorded
-    side> (<its fingerprint>) but <given side> (<its fingerprint>); <fix>``."""
+    side: ... other X> (<its fingerprint>) than <given side> (<its fingerprint>); <fix>``."""
     if same(recorded, given):
         return
     raise InputError(
-        f"{name}: {recorded_side} ({describe(recorded)}), but {given_side} ({describe(given)}) "
-        f"differ; {fix}"
+        f"{name}: {recorded_side} ({describe(recorded)}) than {given_side} ({describe(given)}); {fix}"
     )
 
 
@@ -165,11 +164,13 @@ def check_partitions_file(path, *, keys) -> None:
     p = Path(path)
     root = p.parent
     index_json = root / "index.json"
-    unfinished = any((root / m).exists() for m in INDEX_UNFINISHED_MARKERS)
-    looks_like_index = index_json.exists() or unfinished or (root / "lists.safetensors").exists()
+    markers = any((root / m).exists() for m in INDEX_UNFINISHED_MARKERS)
+    looks_like_index = index_json.exists() or markers or (root / "lists.safetensors").exists()
     if not looks_like_index:
         return  # a standalone partitions file (and centroids.npy): nothing to check against
-    if unfinished or not index_json.exists():
+    # index.json exists only once IVFIndex.save finished (it is removed first and written
+    # last); a leftover k-means stage file beside it is only an unfinished clean-up
+    if not index_json.exists() or (root / ".incomplete").exists():
         raise InputError(
             f"partitions: {p} belongs to an index build that did not finish ({root} has no "
             f"complete index.json); rerun `amips index build ... --out {root}` to finish it"
@@ -275,3 +276,16 @@ def run_inputs(keys, queries, partition_ids=None, *, labels_dir=None, partitions
         "queries": fingerprint(queries),
         "partitions": fingerprint(partition_ids) if partition_ids is not None else None,
     }
+
+
+def check_resume(recorded: dict | None, given: dict, root) -> None:
+    """``train --resume``: the run continues on the inputs it started with (runs from before
+    provenance recorded none and are checked by their shapes only)."""
+    if not recorded:
+        return
+    for name in ("keys", "queries", "partitions"):
+        if recorded.get(name) is None and given.get(name) is None:
+            continue
+        check_same(name, f"the run in {root} was started on other {name}", recorded.get(name),
+                   f"the given {name}", given.get(name),
+                   "resume with the inputs the run started with, or start a new run (--overwrite)")

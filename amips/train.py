@@ -557,6 +557,7 @@ def _prepare_run_folder(out, cfg: TrainConfig, inp: _Inputs, resume: bool) -> tu
         "keys_fingerprint": hashlib.sha256(inp.keys_t[: min(n_keys, 1024)].numpy().tobytes()).hexdigest(),
     }
     if old is not None:
+        _provenance.check_resume(old.get("inputs"), inp.inputs, root)
         for key in ("model", "n_keys", "d", "n_queries", "n_partitions", "partitions_sha256", "keys_fingerprint"):
             if old.get(key) != run_cfg.get(key):
                 raise InputError(f"resume: {key} differs from the run in {root} ({old.get(key)} vs {run_cfg.get(key)})")

@@ -238,6 +238,7 @@ def _api_cases(ws):
     queries = np.load(ws["queries"])
     root = ws["root"]
     index = amips.IVFIndex.load(root / "index")
+    huge = amips.IVFIndex.build(keys * 1e20, 2)
     nan_q = queries.copy()
     nan_q[0, 0] = np.nan
     return [
@@ -271,6 +272,7 @@ def _api_cases(ws):
         ("search-nprobe-0", lambda: index.search(queries, 5, 0), "nprobe"),
         ("search-nprobe-big", lambda: index.search(queries, 5, N_LISTS + 1), "nprobe"),
         ("search-wrong-d", lambda: index.search(queries[:, :5], 5, 2), "queries"),
+        ("search-scores-overflow", lambda: huge.search(queries * 1e20, 5, 2), "queries: scores overflow"),
         ("search-router-unfinished", lambda: index.search(queries, 5, 2, router=f"keynet:{root}/run_unfinished"), "rundir"),
         ("search-router-other-keys", lambda: index.search(queries, 5, 2, router=f"keynet:{root}/run_other_keys"), "router"),
         ("train-labels-other-keys", lambda: _train(ws, keys_name="other_keys", labels_dir=root / "labels_nopart"), "keys"),
@@ -288,6 +290,7 @@ def _train(ws, *, keys_name="keys", **kw):
 
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow case, inside the interpreter
 def test_api_bad_inputs(ws):
     failures = []
     for case_id, call, name in _api_cases(ws):
@@ -473,3 +476,34 @@ def test_training_killed_while_writing_final_outputs(ws, tmp_path):
     for name in mine:
         assert torch.equal(mine[name], clean[name]), name
     amips.load_model(out)
+
+
+def test_provenance_accepts_the_same_data_in_another_dtype(tmp_path):
+    """No false refusal: an fp64 keys file, an index built from it (stored as fp32) and a
+    router trained on the same file agree; so do fp16 and fp32 copies of the same values."""
+    rng = np.random.default_rng(6)
+    np.save(tmp_path / "k.npy", rng.standard_normal((120, 8)))
+    np.save(tmp_path / "q.npy", rng.standard_normal((24, 8)).astype(np.float32))
+    assert main(["index", "build", "--keys", str(tmp_path / "k.npy"), "--n-lists", "3",
+                 "--out", str(tmp_path / "ix"), "--quiet"]) == 0
+    assert main(["train", "--keys", str(tmp_path / "k.npy"), "--queries", str(tmp_path / "q.npy"),
+                 "--model", "router-mlp", "--partitions", str(tmp_path / "ix" / "partitions.npy"),
+                 "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "8", "--noise", "0",
+                 "--device", "cpu", "--quiet", "--width", "8", "--depth", "1"]) == 0
+    index = amips.IVFIndex.load(tmp_path / "ix")
+    index.search(np.load(tmp_path / "q.npy")[:2], 3, 1, router=f"router:{tmp_path / 'run'}")
+    from amips.provenance import fingerprint
+
+    half = rng.standard_normal((10, 4)).astype(np.float16)
+    assert fingerprint(half)["sha256"] == fingerprint(half.astype(np.float32))["sha256"]
+    assert fingerprint(half)["sha256"] != fingerprint(half[::-1].copy())["sha256"]
+
+
+def test_resume_on_other_queries_is_refused(ws, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(ws["root"] / "run", run)
+    rc = main(["train", "--keys", ws["keys"], "--queries", ws["other_queries"], "--model", "keynet",
+               "--out", str(run), "--resume", "--steps", "3", "--batch-size", "16", "--noise", "0",
+               "--eval-every", "3", "--val-fraction", "0.25", "--device", "cpu", "--quiet",
+               "--width", "8", "--depth", "1"])
+    _one_line_error(capsys, rc, "train", "queries: the run in")

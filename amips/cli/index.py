@@ -151,6 +151,9 @@ def run_build(args: argparse.Namespace) -> int:
         pq_subspaces=args.pq_subspaces, pq_bits=args.pq_bits,
         anisotropic_threshold=args.anisotropic_threshold,
     )
+    from ..provenance import fingerprint
+
+    index.inputs = {**(index.inputs or {}), "keys": fingerprint(keys_np)}  # the file's values, not fp32's
     index.save(out)
     if stage_path.exists():
         stage_path.unlink()

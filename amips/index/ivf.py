@@ -361,6 +361,11 @@ class IVFIndex:
                 route.scan_queries, route.lists, k, reorder=int(reorder), keys_by_list=self.keys_by_list
             )
         pos = pos.to(self.device)
+        if not bool(torch.isfinite(scores[pos >= 0]).all()):
+            raise InputError(
+                "queries: scores overflow float32 (|<q, k>| > 3.4e38) for these queries and keys; "
+                "scale the queries (or the keys) down by a power of two, which changes no ranking"
+            )
         ids = torch.where(pos >= 0, self.ids[pos.clamp(min=0)], torch.full_like(pos, -1))
         if not return_info:
             return scores, ids

@@ -138,9 +138,9 @@ def run_label_job(
                     print(f"labels in {out} are complete and match this job; nothing to do")
                 return done
             if not overwrite:
-                raise InputError(
-                    f"out: {out} already holds labels of a different job; pass --overwrite or use another folder"
-                )
+                what = ("labels of a different job" if done.get("complete")
+                        else "labels with no complete manifest (an older amips, or a corrupt labels.json)")
+                raise InputError(f"out: {out} already holds {what}; pass --overwrite or use another folder")
         out.mkdir(parents=True, exist_ok=True)
         if overwrite:
             # the old labels stop being complete-looking before anything new is written
