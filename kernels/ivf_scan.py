@@ -408,7 +408,7 @@ def ivf_scan_launch_config(nq: int, nprobe: int, d: int, mean_list: float, k: in
 
 def _per_query_config(d: int, k: int) -> dict:
     return {"mode": "per_query", "BLOCK_N": 32, "BLOCK_D": min(32, max(16, _next_pow2(d))),
-            "K_PAD": max(16, _next_pow2(k)), "num_warps": 4, "num_stages": 1}
+            "K_PAD": max(16, _next_pow2(k)), "num_warps": 8, "num_stages": 1}
 
 
 def _batched_config(key_dtype: str) -> dict:

@@ -279,3 +279,22 @@ def test_labeler_reuses_keys_across_calls():
     assert lab._batch._cached is not None  # the prepared shard was kept
     with pytest.raises(InputError, match="dimension mismatch"):
         lab(torch.ones(2, 5))
+
+
+def test_kernel_top1_window_overflow_goes_down_the_cascade(monkeypatch):
+    """The GPU top-1 path (interpreter): a full window buffer leaves the query uncertified,
+    the cascade settles it exactly (lowest index among exact ties); others certify at once."""
+    from amips.labels import BatchLabeler, KeySource, LabelSpec
+
+    monkeypatch.setenv("AMIPS_BACKEND", "triton")
+    rng = np.random.default_rng(12)
+    d = 16
+    keys = rng.standard_normal((90, d)).astype(np.float32)
+    keys[40:70] = keys[3] * 4  # 30 exact ties, far ahead of every other key for q[0]
+    q = rng.standard_normal((3, d)).astype(np.float32)
+    q[0] = keys[3]
+    labeler = BatchLabeler(KeySource(keys), LabelSpec(precision="fp32"), torch.device("cpu"))
+    qt = torch.from_numpy(q)
+    out, stats = labeler.finish(qt, labeler.screen(qt, 0, None))
+    assert stats["fallback_queries"] >= 1 and out["top1_index"][0] == 40
+    check_top1(q, keys, out["top1_score"], out["top1_index"])

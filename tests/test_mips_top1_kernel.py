@@ -154,3 +154,21 @@ def test_audit_cases_walk_the_launcher_rule():
             assert list(c.signature)[-1] == "PRECISION" and c.signature["NEAR"] == "constexpr"
             assert set(k for k, v in c.signature.items() if v == "constexpr") == set(c.constexprs)
             assert c.shapes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,precision", [(torch.bfloat16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee")])
+def test_top1_on_cuda_against_the_oracle_of_its_inputs(dtype, precision):
+    g = torch.Generator().manual_seed(11)
+    for nq, nk, d in ((3, 50_000, 384), (700, 30_000, 128), (200, 20_000, 100)):
+        q = torch.randn(nq, d, generator=g).to(dtype)
+        k = torch.randn(nk, d, generator=g).to(dtype)
+        window = torch.full((nq,), 0.05 * d ** 0.5)
+        res = mips_top1(q.cuda(), k.cuda(), window=window.cuda(), precision=precision)
+        s, i = (t.cpu() for t in top1_merged(res))
+        exact = q.double() @ k.double().T
+        best = exact.max(1).values
+        # the returned key is within the screening error of the best (tf32 rounds inputs)
+        tol = 1e-3 * d if precision == "tf32" else 1e-4 * d ** 0.5
+        assert bool((exact.gather(1, i[:, None])[:, 0] >= best - tol).all())
+        assert res.score.shape[1] >= 1 and bool(torch.isfinite(res.score).all())
