@@ -15,7 +15,7 @@ import sys
 from .._validate import InputError
 
 # Order in which subcommands appear in --help.
-SUBCOMMANDS = ("demo", "labels", "train", "index", "eval")
+SUBCOMMANDS = ("demo", "labels", "train", "index", "eval", "mol")
 
 
 def build_parser() -> argparse.ArgumentParser:

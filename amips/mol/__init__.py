@@ -9,3 +9,9 @@ from .similarity import DotProduct, ItemCache, MoL, QueryParts
 from .topk import METHODS, topk
 
 __all__ = ["MoL", "DotProduct", "ItemCache", "QueryParts", "topk", "METHODS"]
+
+# The recommender trained on feedback (issue 10, part 4).
+from .data import Interactions, generate_ratings, load_interactions  # noqa: E402
+from .recommender import Recommender, load  # noqa: E402
+
+__all__ += ["load", "Recommender", "Interactions", "load_interactions", "generate_ratings"]
