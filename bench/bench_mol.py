@@ -106,7 +106,8 @@ def load_model(path: str, nq: int):
     rec = am.load(path)
     head, _, _ = rec.topk_target()
     users = rec.user_ids[:nq]
-    return head, rec.item_repr.detach().float(), rec.encode_users(users).detach().float(), rec
+    item_repr = rec.item_repr() if callable(rec.item_repr) else rec.item_repr
+    return head, item_repr.detach().float(), rec.encode_users(users).detach().float(), rec
 
 
 # --- the sweep ----------------------------------------------------------------------------
