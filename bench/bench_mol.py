@@ -103,7 +103,10 @@ def kde_items(items: torch.Tensor, n: int, scale: float, seed: int = 0) -> torch
 def load_model(path: str, nq: int):
     if not hasattr(am, "load"):
         raise SystemExit("bench_mol: --model needs amips.mol.load (the recommender, branch issue-10b)")
-    rec = am.load(path)
+    try:
+        rec = am.load(path)
+    except ValueError as exc:  # amips.InputError: a folder that is not a finished run
+        raise SystemExit(f"bench_mol: error: {exc}") from None
     head, _, _ = rec.topk_target()
     users = rec.user_ids[:nq]
     item_repr = rec.item_repr() if callable(rec.item_repr) else rec.item_repr
