@@ -477,6 +477,12 @@ def _query_parts(head, queries) -> QueryParts:
     return qp
 
 
+def _long_ids(item_ids) -> torch.Tensor:
+    if isinstance(item_ids, torch.Tensor):
+        return item_ids.detach().long().cpu()
+    return torch.as_tensor(np.asarray(item_ids)).long()
+
+
 def _exclusions(exclude, nq: int, item_ids, n: int) -> list[torch.Tensor] | None:
     """Per-query internal item ids to exclude (list of id lists, or CSR (indptr, indices))."""
     if exclude is None:
@@ -495,7 +501,7 @@ def _exclusions(exclude, nq: int, item_ids, n: int) -> list[torch.Tensor] | None
         if len(rows) != nq:
             raise InputError(f"exclude: {len(rows)} lists for {nq} queries")
     if item_ids is not None:
-        ext = torch.as_tensor(np.asarray(item_ids)).long()
+        ext = _long_ids(item_ids)
         sorted_ext, perm = ext.sort()
         mapped = []
         for r in rows:
@@ -581,6 +587,6 @@ def topk(model, queries, k: int, method: str = "exact", *, items=None, exclude=N
     stats["seconds"] = time.perf_counter() - t0
     stats["method"] = method
     if item_ids is not None:
-        ext = torch.as_tensor(np.asarray(item_ids)).long().to(i.device)
+        ext = _long_ids(item_ids).to(i.device)
         i = torch.where(i >= 0, ext[i.clamp_min(0)], i)
     return (s, i, stats) if return_stats else (s, i)
