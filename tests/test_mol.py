@@ -134,6 +134,9 @@ def test_exact_and_bound_equal_full_canonical_ranking(seed):
     ref_s, ref_i = _full_rank(h, qp, cache, 10)
     s, i = am.topk(h, q, 10, "exact", items=cache, backend="torch")
     assert torch.equal(i, ref_i) and torch.equal(s, ref_s)
+    for dense in (0.0, 1.0):  # the exact-screen fallback, and always the bound
+        s, i = am.topk(h, q, 10, "bound", items=cache, dense_fraction=dense, kprime=12)
+        assert torch.equal(i, ref_i) and torch.equal(s, ref_s), dense
     for lists in ("max_logit", "per_pair"):
         for search in ("mm", "exact"):
             s, i, stats = am.topk(h, q, 10, "bound", items=cache, lists=lists, kprime=4,

@@ -356,9 +356,11 @@ def score_all(head: MoL, qp: QueryParts, cache: ItemCache, *, start: int = 0,
 
 
 @torch.no_grad()
-def score_candidates(head: MoL, qp: QueryParts, cache: ItemCache, item_index) -> torch.Tensor:
+def score_candidates(head: MoL, qp: QueryParts, cache: ItemCache, item_index, *,
+                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Canonical phi of candidate items ``item_index`` [nq, m] (fp64 evaluation of the cached
-    components, rounded to fp32; -inf where the id is negative)."""
+    components, rounded to fp32; -inf where the id is negative). ``dtype=torch.float32``
+    gives the fp32 screen of the same items instead (within SCREEN_MARGIN / tau)."""
     idx = torch.as_tensor(item_index, device=cache.device)
     if idx.dim() != 2 or idx.shape[0] != qp.n:
         raise InputError(f"item_index: expected [{qp.n}, m] item ids, got shape {tuple(idx.shape)}")
@@ -369,13 +371,13 @@ def score_candidates(head: MoL, qp: QueryParts, cache: ItemCache, item_index) ->
     out = torch.full((nq, m), float("-inf"), dtype=torch.float32, device=cache.device)
     if m == 0:
         return out
-    w = _gate_weights(head, torch.float64)
+    w = _gate_weights(head, dtype)
     rows = max(1, _BLOCK_ROWS // max(1, m))
     for a in range(0, nq, rows):
         sel = idx[a : a + rows]
         safe = sel.clamp_min(0)
-        qc = qp.components[a : a + rows].double()  # [r, P_Q, d]
-        ic = cache.components[safe].double()  # [r, m, P_X, d]
+        qc = qp.components[a : a + rows].to(dtype)  # [r, P_Q, d]
+        ic = cache.components[safe].to(dtype)  # [r, m, P_X, d]
         # [r, m, P_Q, P_X]: one batched product per query, same summation for every item.
         logits = torch.einsum("rid,rmjd->rmij", qc, ic).flatten(-2) / head.tau
         qg = None if qp.gate is None else qp.gate[a : a + rows, None]

@@ -85,6 +85,27 @@ def _rescore_rank(head, qp, cache, cand: torch.Tensor, k: int):
     return rank(score_candidates(head, qp, cache, cand), cand, k) + ((cand >= 0).sum(1),)
 
 
+def _screen_rank(head, qp, cache, ids: torch.Tensor, k: int, delta: float):
+    """The exact top-k of the canonical score among candidate ``ids`` [nq, m] (-1 = none,
+    no repeats): an fp32 screen of all of them, the best k + extra re-scored canonically;
+    a query whose dropped candidates could come within ``delta`` gets every candidate
+    re-scored. Returns (scores, ids, canonical evaluations per query)."""
+    m = ids.shape[1]
+    k2 = min(m, k + max(16, k // 2))
+    count = (ids >= 0).sum(1)
+    if k2 >= m:
+        s, i, c = _rescore_rank(head, qp, cache, ids, k)
+        return s, i, c
+    screen = score_candidates(head, qp, cache, ids, dtype=torch.float32)
+    v, o = screen.topk(k2, dim=1)
+    s, i, c = _rescore_rank(head, qp, cache, ids.gather(1, o), k)
+    ok = (count <= k2) | (v[:, -1] + delta < s[:, -1])
+    if not bool(ok.all()):
+        s3, i3, c3 = _rescore_rank(head, qp.take(~ok), cache, ids[~ok], k)
+        s[~ok], i[~ok], c[~ok] = s3, i3, c3
+    return s, i, c
+
+
 def _check_int(value, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise InputError(f"{name}: expected an integer >= {minimum}, got {value!r}")
@@ -246,17 +267,19 @@ def _exact_tiles(head, qp, cache, k):
 
 
 def _approximate(head, qp, cache, k, lists):
-    cand = torch.cat(lists, 1)
-    s, i, scored = _rescore_rank(head, qp, cache, cand, k)
-    return s, i, {"items_scored": scored.double().mean().item()}
+    cand = _dedupe(torch.cat(lists, 1))
+    s, i, canonical = _screen_rank(head, qp, cache, cand, k, SCREEN_MARGIN / head.tau)
+    return s, i, {"items_scored": (cand >= 0).sum(1).double().mean().item(),
+                  "canonical": canonical.double().mean().item()}
 
 
 def _bound(head, qp, cache, k, *, lists: str = "max_logit", kprime: int | None = None,
+           dense_fraction: float = 0.6,
            max_kprime: int = 128, margin: float = BOUND_MARGIN,
            range_margin: float = RANGE_MARGIN, search: str = "mm"):
     if lists == "max_logit":
         return _bound_max_logit(head, qp, cache, k, kprime=kprime, margin=margin,
-                                range_margin=range_margin)
+                                range_margin=range_margin, dense_fraction=dense_fraction)
     if lists != "per_pair":
         raise InputError(f"lists: expected 'max_logit' or 'per_pair', got {lists!r}")
     return _bound_per_pair(head, qp, cache, k, kprime=kprime or 32, max_kprime=max_kprime,
@@ -277,39 +300,55 @@ def _max_pair_logits(head, qp, cache) -> torch.Tensor:
     return out
 
 
-def _bound_max_logit(head, qp, cache, k, *, kprime, margin, range_margin):
+def _bound_max_logit(head, qp, cache, k, *, kprime, margin, range_margin,
+                     dense_fraction: float = 0.6, screen_margin: float = SCREEN_MARGIN):
     """phi(x) <= max_p l_p(x) / tau for every item: one pass of pair logits (no pair MLP)
     gives each item its bound m(x); the top-k' items by m are re-scored (S = their k-th
-    canonical score); every item with m(x) >= S * tau - range_margin is re-scored too."""
+    canonical score); every item with m(x) >= S * tau - range_margin can still enter, and is
+    screened in fp32 and certified like ``exact``. A query whose bound keeps more than
+    ``dense_fraction`` of the items goes to the exact screen instead (still exact)."""
     n, dev = cache.n, cache.device
     kprime = min(n, _check_int(kprime, "kprime") if kprime is not None else max(4 * k, 64))
     kprime = max(kprime, k)
-    out_s, out_i, scored = [], [], []
-    certified = 0
-    # [chunk, N] bounds at a time (<= 64 MiB).
-    chunk = max(1, (1 << 24) // n)
+    delta = screen_margin / head.tau
+    out_s = torch.empty(qp.n, k, dtype=torch.float32, device=dev)
+    out_i = torch.empty(qp.n, k, dtype=torch.long, device=dev)
+    scored = torch.zeros(qp.n, dtype=torch.float64)
+    passed = torch.zeros(qp.n, dtype=torch.float64)
+    n_dense = 0
+    chunk = max(1, (1 << 24) // n)  # [chunk, N] bounds at a time (<= 64 MiB)
     for a in range(0, qp.n, chunk):
-        sub = qp.take(slice(a, a + chunk))
+        rows = torch.arange(a, min(qp.n, a + chunk), device=dev)
+        sub = qp.take(rows)
         m = _max_pair_logits(head, sub, cache)
-        top_m, top_i = m.topk(kprime, dim=1)
-        cand = _dedupe(top_i)
-        s_k, _ = rank(score_candidates(head, sub, cache, cand), cand, k)
+        _, top_i = m.topk(kprime, dim=1)
+        s_k, _ = rank(score_candidates(head, sub, cache, top_i), top_i, k)
         thr = s_k[:, -1:].double() * head.tau - range_margin
-        # Items above the threshold (always includes every item that can reach S).
-        hit = m.double() >= thr
+        hit = m.double() >= thr  # holds every item that can reach S
         hit.scatter_(1, top_i, True)
         counts = hit.sum(1)
-        certified += int((counts <= kprime).sum())
-        width = int(counts.max())
-        ids = hit.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :width]
-        ids = ids.masked_fill(torch.arange(width, device=dev)[None] >= counts[:, None], -1)
-        s, i, c = _rescore_rank(head, sub, cache, ids, k)
-        out_s.append(s)
-        out_i.append(i)
-        scored.append(c.double() + kprime * (counts > kprime).double())
-    stats = {"items_scored": torch.cat(scored).mean().item(), "items_bounded": float(n),
-             "certified_first": certified}
-    return torch.cat(out_s), torch.cat(out_i), stats
+        scored[rows.cpu()] += kprime
+        passed[rows.cpu()] = counts.double().cpu()
+        dense = counts > dense_fraction * n
+        if bool(dense.any()):
+            n_dense += int(dense.sum())
+            s_d, i_d, _ = _exact(head, sub.take(dense), cache, k, screen_margin=screen_margin,
+                                 backend="torch")
+            out_s[rows[dense]], out_i[rows[dense]] = s_d, i_d
+            scored[rows[dense].cpu()] += n
+        sparse = ~dense
+        if not bool(sparse.any()):
+            continue
+        sub_s, c_s = sub.take(sparse), counts[sparse]
+        width = int(c_s.max())
+        ids = hit[sparse].to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :width]
+        ids = ids.masked_fill(torch.arange(width, device=dev)[None] >= c_s[:, None], -1)
+        s2, i2, _ = _screen_rank(head, sub_s, cache, ids, k, delta)
+        out_s[rows[sparse]], out_i[rows[sparse]] = s2, i2
+        scored[rows[sparse].cpu()] += c_s.double().cpu()
+    stats = {"items_scored": scored.mean().item(), "items_bounded": float(n),
+             "items_passing_bound": passed.mean().item(), "dense_fallback": n_dense}
+    return out_s, out_i, stats
 
 
 def _bound_per_pair(head, qp, cache, k, *, kprime: int = 32, max_kprime: int = 128,
@@ -508,7 +547,7 @@ def topk(model, queries, k: int, method: str = "exact", *, items=None, exclude=N
     if nlist is not None:
         nlist = _check_int(nlist, "nlist")
     allowed = {"exact": {"backend", "extra", "screen_margin"},
-               "bound": {"lists", "kprime", "max_kprime", "margin", "range_margin"}}.get(method)
+               "bound": {"lists", "dense_fraction", "kprime", "max_kprime", "margin", "range_margin"}}.get(method)
     if allowed is not None:
         unknown = sorted(set(params) - allowed)
         if unknown:
