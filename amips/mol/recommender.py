@@ -242,8 +242,7 @@ class Recommender:
 
     def topk_target(self):
         """(head, item cache, external item ids) for ``amips.mol.topk``."""
-        return self.model.head, self.item_cache(), torch.as_tensor(self.interactions.item_ids,
-                                                                   device=self.device)
+        return self.model.head, self.item_cache(), self.interactions.item_ids
 
     def param_counts(self) -> dict:
         return self.model.param_counts()

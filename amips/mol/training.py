@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -352,7 +351,3 @@ def fit(ratings, out, cfg: FitConfig | None = None, *, device: str = "cpu", resu
                "n_params": counts, "validation": val, "test": test, "history": state["history"]}
     atomic_write_json(out / METRICS, metrics)
     return metrics
-
-
-def clear_run(out: Path) -> None:  # pragma: no cover - convenience for scripts
-    shutil.rmtree(out, ignore_errors=True)
