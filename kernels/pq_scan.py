@@ -352,19 +352,20 @@ def pq_scan_launch_config(nq: int, nprobe: int, max_list_len: int, n_bytes: int,
                           device: DeviceSpec) -> dict:
     """Block sizes, warps, stages and list split of the PQ scan on ``device`` (pure;
     audited). ``BLOCK_N = max(64, next_pow2(k))`` rows per block (the running top-k lives in
-    a sorted ``BLOCK_N`` vector), ``BLOCK_W`` code bytes per step (16 at 512 rows, 8 at 1024,
-    to keep the gathered tile small), 8 warps at 512 rows and 16 at 1024 (audited: fewer
-    spill in the sort); ``n_split`` splits each probed list
+    a sorted ``BLOCK_N`` vector), ``BLOCK_W`` code bytes per step (16; 4 at 1024 rows, to
+    keep the gathered tile small), 8 warps at 512 rows and 16 at 1024 (audited: fewer
+    spill); ``n_split`` splits each probed list
     across programs until the grid holds 4 programs per SM (the merge is a top-k)."""
     if k < 1 or k > MAX_TRITON_K:
         raise ValueError(f"k: the kernel handles 1..{MAX_TRITON_K}, got {k}")
     block_n = _pow2_at_least(k, 64)
-    block_w = max(16, min(32, _pow2_at_least(n_bytes, 1)))
-    warps = 4
+    # audited: 32-byte steps spill a register on Triton 3.6 (sm_90); at 1024 rows 8 warps
+    # spill in the sort (Triton 3.9, uint8 LUT) and 8-byte steps with 16 warps on 3.6
+    block_w, warps = 16, 4
     if block_n >= 512:
-        block_w, warps = 16, 8
-    if block_n >= 1024:  # 8 warps spill in the 1024-wide sort (uint8 LUT, 8-bit codes)
-        block_w, warps = 8, 16
+        warps = 8
+    if block_n >= 1024:
+        block_w, warps = 4, 16
     want = -(-4 * device.sm_count // max(1, nq * nprobe))
     split = int(max(1, min(want, -(-max(1, max_list_len) // block_n))))
     return {"BLOCK_N": block_n, "BLOCK_W": block_w, "num_warps": warps,
