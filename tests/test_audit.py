@@ -226,12 +226,11 @@ def test_icnn_precision_rule():
 def test_pq_scan_launch_config_at_audit_shapes(device):
     from amips.kernels.pq_scan import MAX_TRITON_K, pq_scan_launch_config
 
-    for k in (1, 10, 100, 1000, MAX_TRITON_K):
+    for k in (1, 10, 100, MAX_TRITON_K):
         for n_bytes in (8, 48, 96):
             cfg = pq_scan_launch_config(1024, 32, 4096, n_bytes, k, device)
             assert cfg["BLOCK_N"] >= max(64, k) and _pow2(cfg["BLOCK_N"])
-            assert cfg["BLOCK_W"] in (8, 16, 32) and cfg["n_split"] == 1
-            assert cfg["BLOCK_N"] * cfg["BLOCK_W"] <= 16384 and cfg["num_warps"] in (4, 8, 16)
+            assert cfg["BLOCK_W"] == 16 and cfg["n_split"] == 1 and cfg["num_warps"] == 8
     one = pq_scan_launch_config(1, 64, 4096, 96, 100, device)
     assert one["n_split"] > 1 and 64 * one["n_split"] >= 4 * device.sm_count
     assert pq_scan_launch_config(1, 1, 10, 96, 10, device)["n_split"] == 1  # short list
