@@ -67,6 +67,10 @@ def ws(tmp_path_factory):
     f["missing"] = str(root / "no_such_file.npy")
     (root / "a_file").write_text("x")
     f["a_file"] = str(root / "a_file")
+    (root / "ratings_nocol.csv").write_text("userId,movieId,rating\n1,2,3\n")
+    f["ratings_nocol"] = str(root / "ratings_nocol.csv")
+    (root / "ratings_nonnum.csv").write_text("userId,movieId,rating,timestamp\n1,a,3,4\n")
+    f["ratings_nonnum"] = str(root / "ratings_nonnum.csv")
 
     # complete artifacts
     assert main(["labels", "--keys", f["keys"], "--queries", f["queries"], "--partitions",
@@ -176,6 +180,12 @@ CLI_CASES = [
     ("eval-router-unfinished", EVAL + ["--queries", "{queries}", "--router", "keynet:{root}/run_unfinished"], "eval", "--allow-unfinished"),
     ("eval-router-other-keys", EVAL + ["--queries", "{queries}", "--router", "keynet:{root}/run_other_keys"], "eval", "router"),
     ("eval-router-single-head-as-multi", EVAL + ["--queries", "{queries}", "--router", "router:{root}/run"], "eval", "router"),
+    # mol (recommender)
+    ("mol-train-ratings-missing", ["mol", "train", "--ratings", "{missing}", "--out", "{tmp}/out"], "mol", "ratings"),
+    ("mol-train-ratings-no-column", ["mol", "train", "--ratings", "{ratings_nocol}", "--out", "{tmp}/out"], "mol", "ratings"),
+    ("mol-train-ratings-non-numeric", ["mol", "train", "--ratings", "{ratings_nonnum}", "--out", "{tmp}/out"], "mol", "ratings"),
+    ("mol-train-device-gpu", ["mol", "train", "--ratings", "{ratings_nocol}", "--out", "{tmp}/out", "--device", "gpu"], "mol", "device"),
+    ("mol-eval-model-missing", ["mol", "eval", "--model", "{tmp}/none", "--ratings", "{ratings_nocol}"], "mol", "model"),
     # demo (argument checks before any work)
     ("demo-nprobe-0", ["demo", "--quick", "--nprobe", "0", "--out", "{tmp}/demo"], "demo", "nprobe: 0 out of range, must be >= 1"),
     ("demo-train-minutes-0", ["demo", "--quick", "--train-minutes", "0", "--out", "{tmp}/demo"], "demo", "train-minutes"),
@@ -223,9 +233,9 @@ def test_every_flag_has_help_and_every_subcommand_is_covered():
         seen.add(" ".join(prefix))
 
     walk(parser, [])
-    covered = {c[2] for c in CLI_CASES}
+    covered = {c[2] for c in CLI_CASES} | {" ".join(c[1][:2]) for c in CLI_CASES if c[1][0] == "mol"}
     for cmd in seen - {""}:
-        if cmd == "index":
+        if cmd in ("index", "mol"):
             continue  # a group: its actions are covered
         assert cmd in covered, f"no bad-input case for `amips {cmd}`"
 
