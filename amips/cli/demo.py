@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-minutes", type=float, default=0.6,
                    help="training time limit per model, in minutes")
     p.add_argument("--max-test", type=int, default=2000, help="test queries evaluated")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch and faiss CPU threads (one is fastest for the demo's small models)")
     p.add_argument("--no-plot", action="store_true", help="skip the plot")
     p.add_argument("--quick", action="store_true", help="a tiny version in seconds (for tests)")
     p.set_defaults(func=run)
