@@ -1,9 +1,11 @@
 """The examples in the docs run: every fenced ```python block of README.md and docs/*.md.
 
 Each file's blocks run in order in one fresh namespace, in a temporary working directory
-(files the examples write land there), with ``TRITON_INTERPRET=1`` on CPU machines (set by
-conftest.py), so the Triton kernels an example reaches run in the interpreter, and with one
-torch thread (fast and steady on a busy machine). ```bash and
+(files the examples write land there), with one torch thread (fast and steady on a busy
+machine). ``TRITON_INTERPRET=1`` is set on CPU machines (conftest.py), and the launchers are
+told to take their torch paths (``AMIPS_BACKEND=torch``): the interpreter runs a kernel
+thousands of times slower than torch, and the kernels are compared with their torch
+references in their own tests; here the examples test the API a reader copies. ```bash and
 ```text blocks are not run. Files are discovered when the tests are collected: a new page
 is tested without touching this file.
 """
@@ -49,6 +51,7 @@ def test_examples_run(path: Path, tmp_path, monkeypatch, one_torch_thread):
     if not blocks:
         pytest.skip(f"{path.name} has no python examples")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AMIPS_BACKEND", "torch")
     namespace: dict = {"__name__": "__docs__"}
     for line, source in blocks:
         # padded so that a traceback's line numbers are the file's own
