@@ -27,7 +27,8 @@ def quick_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo") / "out"
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(buf):
+        mp.setenv("AMIPS_BACKEND", "torch")
         code = main([*QUICK, "--out", str(out)])
     return code, out, buf.getvalue()
 
