@@ -153,41 +153,79 @@ def format_table(rows: list[dict], columns=None) -> str:
     return "\n".join(out)
 
 
+def pareto_front(points, *, larger_x_better: bool) -> list:
+    """The points (x, y, ...) not dominated by another (better or equal x AND higher y),
+    sorted by x ascending: the curve a user can actually choose from."""
+    ordered = sorted(points, key=lambda p: (-p[0], -p[1]) if larger_x_better else (p[0], -p[1]))
+    front, best = [], -math.inf
+    for p in ordered:
+        if p[1] > best:
+            front.append(p)
+            best = p[1]
+    return sorted(front, key=lambda p: p[0])
+
+
+def _compact_number(v: float, _pos=None) -> str:
+    if v >= 1e6:
+        return f"{v / 1e6:g}M"
+    if v >= 1e3:
+        return f"{v / 1e3:g}k"
+    return f"{v:g}"
+
+
 def plot_results(rows: list[dict], path, title: str = "") -> str:
-    """match@1 vs nprobe, vs FLOPs per query and vs QPS, one line per router; saves a PNG."""
+    """match@1 against FLOPs per query and against queries per second, one Pareto curve
+    per router (each point labelled with its nprobe; dominated points hollow); saves a PNG.
+    Needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r.get("router", "?"), []).append(r)
-    has_qps = any("qps" in r for r in rows)
-    n = 3 if has_qps else 2
-    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4))
-    for name, rs in groups.items():
-        rs = sorted(rs, key=lambda r: r.get("nprobe", 0))
-        m = [r["match_at_1"] for r in rs]
-        if all("nprobe" in r for r in rs):
-            axes[0].plot([r["nprobe"] for r in rs], m, "o-", label=name)
-        axes[1].plot([r["flops_per_query"] / 1e6 for r in rs], m, "o-", label=name)
-        if has_qps and all("qps" in r for r in rs):
-            axes[2].plot([r["qps"] for r in rs], m, "o-", label=name)
-    axes[0].set_xscale("log", base=2)
-    axes[0].set_xlabel("lists probed (nprobe)")
-    axes[1].set_xscale("log")
-    axes[1].set_xlabel("MFLOP per query (router + scan)")
-    if has_qps:
-        axes[2].set_xscale("log")
-        axes[2].set_xlabel("queries per second (batch)")
-    for ax in axes:
-        ax.set_ylabel("match@1")
-        ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+    panels = [("flops_per_query", 1e-6, False, "MFLOP per query (router + scan), log scale")]
+    if any("qps" in r for r in rows):
+        panels.append(("qps", 1.0, True, "queries per second (one batch), log scale"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False)
+    axes = axes[0]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*X"
+    handles = []
+    for gi, (name, rs) in enumerate(groups.items()):
+        colour, marker = colours[gi % len(colours)], markers[gi % len(markers)]
+        for ax, (key, scale, larger_better, _) in zip(axes, panels):
+            pts = [(r[key] * scale, r["match_at_1"], r.get("nprobe")) for r in rs if r.get(key)]
+            if not pts:
+                continue
+            front = pareto_front(pts, larger_x_better=larger_better)
+            (line,) = ax.plot([p[0] for p in front], [p[1] for p in front], "-", marker=marker,
+                              color=colour, label=name, markersize=5, linewidth=1.6)
+            hidden = [p for p in pts if p not in front]
+            if hidden:
+                ax.plot([p[0] for p in hidden], [p[1] for p in hidden], linestyle="none",
+                        marker=marker, markerfacecolor="none", color=colour, markersize=5, alpha=0.6)
+            for x, y, nprobe in pts:
+                if nprobe is not None:
+                    ax.annotate(str(nprobe), (x, y), textcoords="offset points", xytext=(4, -9),
+                                fontsize=7, color=colour)
+            if ax is axes[0]:
+                handles.append(line)
+    for ax, (_, _, _, xlabel) in zip(axes, panels):
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(_compact_number))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("match@1 (exact top-1 found)")
+        ax.grid(True, which="major", alpha=0.3)
+    if handles:
+        fig.legend(handles, [h.get_label() for h in handles], loc="lower center",
+                   ncol=min(len(handles), 4), frameon=False, fontsize=9)
+    fig.suptitle((title + "\n" if title else "") + "numbers on points: lists probed (nprobe)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
