@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_threads(p)
     add_device(p)
     p.add_argument("--json", default=None, help="write the results as JSON here (folders are created)")
-    p.add_argument("--plot", default=None, help="write a PNG of match@1 vs nprobe / FLOPs / QPS here")
+    p.add_argument("--plot", default=None, help="write a PNG of match@1 vs FLOPs and QPS (Pareto curves, nprobe marked) here")
     p.add_argument("--allow-unfinished", action="store_true",
                    help="use the latest checkpoint of an unfinished training run as a router (warns)")
     add_overwrite(p, "the --json / --plot files")
