@@ -12,8 +12,9 @@ The per-head squared errors are weighted towards the lists near the top (``focus
 the hundreds far below.
 
 Queries are split into train and validation BY ORIGINAL QUERY before any augmentation.
-Augmentation adds Gaussian noise to a fraction of each training batch, renormalises each
-noisy query to its original norm and labels it exactly on the fly.
+Augmentation replaces a fraction of each training batch by noisy copies of the same
+queries (Gaussian noise, renormalised to the original norm), made once and labelled in
+one bulk pass (:mod:`amips.noisy`); ``noise_online`` labels fresh noise every step instead.
 
 Optimiser: Adam/AdamW, linear warmup then cosine decay, gradient-norm clipping, an EMA of
 the weights (evaluated and saved), bf16 autocast on CUDA. Everything needed to continue
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import labels as _labels
+from . import noisy as _noisy
 from ._io import atomic_save_npy, atomic_write_bytes, atomic_write_json, sha256_file
 from ._validate import InputError, check_int_vector, check_matrix, to_tensor
 from .models import MODEL_KINDS, build_model, count_params, size_width
@@ -70,6 +72,8 @@ class TrainConfig:
     w_key: float = 1.0
     noise: float = 0.05
     noise_fraction: float = 0.5
+    noise_copies: int | None = None  # None: amips.noisy.default_copies(device)
+    noise_online: bool = False
     val_fraction: float = 0.04
     eval_every: int = 200
     checkpoint_every: int = 200
@@ -106,6 +110,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not ok or not math.isfinite(v):
                 raise InputError(f"{name}: invalid value {v!r}")
+        if self.noise_copies is not None:
+            _noisy.check_copies(self.noise_copies)
         if self.w_score == 0 and self.w_key == 0:
             raise InputError("w_score and w_key: at least one loss weight must be > 0")
         if self.optimizer not in ("adam", "adamw"):
@@ -519,10 +525,12 @@ def train(
     old = json.loads(cfg_path.read_text()) if resume and cfg_path.exists() else None
     if old is not None:
         # a run started before an option existed resumes with the behaviour it started with
-        legacy = {"centroid_init": False, "focus": 0.0}
+        legacy = {"centroid_init": False, "focus": 0.0, "noise_copies": 0, "noise_online": True}
         missing = {k: v for k, v in legacy.items() if k not in old.get("train", {})}
         if missing:
             cfg = dataclasses.replace(cfg, **missing)
+    if cfg.noise_copies is None:
+        cfg = dataclasses.replace(cfg, noise_copies=_noisy.default_copies(dev))
     model_cfg = _model_config(cfg, d, n_keys, n_heads, q_t)
     run_cfg = {
         "model": model_cfg,
@@ -552,6 +560,8 @@ def train(
     )
     train_idx, val_idx = split_queries(q_t.shape[0], cfg.val_fraction, cfg.seed)
     atomic_write_json(root / "split.json", {"seed": cfg.seed, "val_index": val_idx.tolist()})
+    noisy_pool = _noisy.prepare(cfg, q_t, keys_t, train_idx, root, partition_ids=pid,
+                                n_partitions=n_parts, device=dev, progress=progress)
 
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg).to(dev)
@@ -602,7 +612,7 @@ def train(
     # one labeler for the whole run: the key shard is prepared once, not at every step
     noisy_labeler = _labels.Labeler(
         keys_dev, partition_ids=pid_dev, n_partitions=n_parts if pid_dev is not None else None
-    )
+    ) if cfg.noise_online else None
     top1_i = lab["top1_index"].to(dev)
     top1_s = lab["top1_score"].float().to(dev)
     part_s = lab["partition_score"].float().to(dev) if pid is not None else None
@@ -632,6 +642,7 @@ def train(
     t0 = time.time()
     last = {}
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.model}", disable=not progress)
+    clock = _noisy.StepClock(start, cfg.steps, write=tqdm.write if progress else (lambda _m: None))
     step = start
     model.train()
     with open(metrics_path, "a") as mfh:
@@ -643,7 +654,9 @@ def train(
             q = q_dev[idx]
             s_star, i_star = top1_s[idx], top1_i[idx]
             ps = part_s[idx] if part_s is not None else None
-            if cfg.noise > 0 and cfg.noise_fraction > 0:
+            if noisy_pool is not None:
+                q, s_star, i_star, ps = noisy_pool.draw(pos, q, s_star, i_star, ps, gen_dev)
+            elif cfg.noise_online and cfg.noise > 0 and cfg.noise_fraction > 0:
                 noisy = torch.rand(cfg.batch_size, generator=gen_dev, device=dev) < cfg.noise_fraction
                 eps = torch.randn(q.shape, generator=gen_dev, device=dev)
                 if bool(noisy.any()):
@@ -692,6 +705,7 @@ def train(
                 mfh.flush()
                 save(step)
             bar.update(1)
+            clock.tick(step)
             post = {"loss": f"{rec['loss']:.4g}"}
             if last:
                 post["key_err"] = f"{last['rel_key_error_median']:.3f}"

@@ -53,6 +53,11 @@ def register(subparsers) -> None:
     opt.add_argument("--noise", type=float, default=0.05,
                      help="augmentation: Gaussian noise std relative to ||q||/sqrt(d) (0: off)")
     opt.add_argument("--noise-fraction", type=float, default=0.5, help="share of each batch made noisy")
+    opt.add_argument("--noise-copies", type=int, default=None,
+                     help="noisy copies of every training query, made once and labelled in one bulk "
+                          "pass (default: 16 on CUDA, 2 on CPU; 0: no noise)")
+    opt.add_argument("--noise-online", action="store_true",
+                     help="label noisy queries on the fly every step instead (slow on CPU)")
     opt.add_argument("--focus", type=float, default=1.5,
                      help="multi-head routers: weight each head's squared error towards the lists whose "
                           "support value is within ~FOCUS standard deviations of the best (0: plain MSE)")
@@ -82,6 +87,7 @@ def run(args) -> int:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         optimizer=args.optimizer, warmup=args.warmup, clip=args.clip, ema=args.ema,
         w_score=args.w_score, w_key=args.w_key, noise=args.noise, noise_fraction=args.noise_fraction,
+        noise_copies=args.noise_copies, noise_online=args.noise_online,
         val_fraction=args.val_fraction, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, seed=args.seed, bf16=not args.no_bf16,
         max_minutes=args.max_minutes, centroid_init=not args.no_centroid_init,
