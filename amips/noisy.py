@@ -42,16 +42,16 @@ from ._validate import InputError
 
 # Copies per training query when --noise-copies is not given. Measured (bench/RESULTS.md,
 # "Training defaults"): a step costs the same for any K, the bulk labelling grows with K.
-# On a 2-core CPU the per-list labels of 300k keys x 512 lists run ~100 queries/s, so one
+# On a 2-core CPU the per-list labels of 300k keys x 512 lists run ~100 queries/s, so each
 # copy of 30k queries is ~5 minutes; a GPU labels them in seconds.
-DEFAULT_COPIES_CPU = 2
+DEFAULT_COPIES_CPU = 1
 DEFAULT_COPIES_CUDA = 16
 CHUNK = 8192  # queries per committed labelling chunk
 NOISY_DIR = "noisy"
 
 
 def default_copies(device) -> int:
-    """Noisy copies per training query when not given: 16 on CUDA, 2 on CPU."""
+    """Noisy copies per training query when not given: 16 on CUDA, 1 on CPU."""
     return DEFAULT_COPIES_CUDA if torch.device(device).type == "cuda" else DEFAULT_COPIES_CPU
 
 

@@ -55,7 +55,7 @@ def register(subparsers) -> None:
     opt.add_argument("--noise-fraction", type=float, default=0.5, help="share of each batch made noisy")
     opt.add_argument("--noise-copies", type=int, default=None,
                      help="noisy copies of every training query, made once and labelled in one bulk "
-                          "pass (default: 16 on CUDA, 2 on CPU; 0: no noise)")
+                          "pass (default: 16 on CUDA, 1 on CPU; 0: no noise)")
     opt.add_argument("--noise-online", action="store_true",
                      help="label noisy queries on the fly every step instead (slow on CPU)")
     opt.add_argument("--focus", type=float, default=1.5,
