@@ -1,7 +1,7 @@
 """How long does a default ``amips train`` take on a CPU? (issue 13, part 1)
 
 On a word-vector-like set (``bench/_wordlike.py``: natural norms, clusters of very unequal
-size; default 300k keys x 100, 30k training queries), for KeyNet and for a SupportNet with
+size; default 300k keys x 100, 6k training queries (labelling time scales linearly)), for KeyNet and for a SupportNet with
 one head per list of a 512-list k-means, in ONE process:
 
 - the exact labels of the training queries (paid by every run, noise or not);
@@ -49,7 +49,7 @@ def step_seconds(run: Path, skip: int) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keys", type=int, default=300_000)
-    ap.add_argument("--queries", type=int, default=30_000)
+    ap.add_argument("--queries", type=int, default=6_000)
     ap.add_argument("--d", type=int, default=100)
     ap.add_argument("--lists", type=int, default=512)
     ap.add_argument("--steps", type=int, default=41, help="timed steps per configuration")
@@ -82,7 +82,8 @@ def main(argv=None) -> int:
                                    partition_ids=None if parts is None else torch.from_numpy(parts),
                                    n_partitions=args.lists if parts is not None else None, progress=False)
             label_s = time.perf_counter() - t
-            default = TrainConfig(model=kind, eval_every=10_000, checkpoint_every=10_000)
+            default = TrainConfig(model=kind, batch_size=N.default_batch_size("cpu"), eval_every=10_000,
+                                  checkpoint_every=10_000)
             configs = {"default": dataclasses.replace(default, steps=args.steps),
                        "noise 0": dataclasses.replace(default, noise=0.0, steps=args.steps),
                        "online (old default)": dataclasses.replace(default, noise_online=True,
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 train(keys, queries, run, cfg, partitions=parts, progress=False)
                 total = time.perf_counter() - t
-                per_step[name] = step_seconds(run, skip=1)
+                per_step[name] = step_seconds(run, skip=0)
                 if name == "default":
                     import json
 

@@ -27,7 +27,7 @@ def register(subparsers) -> None:
     p.add_argument("--labels", default=None, help="labels folder written by `amips labels`")
     p.add_argument("--partitions", default=None, help="partitions.npy: IVF list id per key")
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 4096 on CUDA, 1024 on CPU")
     p.add_argument("--device", default="cuda_if_available")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     size = p.add_argument_group("model size")
@@ -75,6 +75,7 @@ def run(args) -> int:
     import torch
 
     from ..train import TrainConfig, train
+    from ..noisy import default_batch_size
 
     device = args.device
     if device == "cuda_if_available":
@@ -84,7 +85,8 @@ def run(args) -> int:
     cfg = TrainConfig(
         model=args.model, width=args.width, depth=args.depth, param_fraction=args.param_fraction,
         homogeneous=args.homogeneous, inject_every=args.inject_every, residual=not args.no_residual,
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        steps=args.steps,
+        batch_size=args.batch_size if args.batch_size is not None else default_batch_size(device), lr=args.lr, weight_decay=args.weight_decay,
         optimizer=args.optimizer, warmup=args.warmup, clip=args.clip, ema=args.ema,
         w_score=args.w_score, w_key=args.w_key, noise=args.noise, noise_fraction=args.noise_fraction,
         noise_copies=args.noise_copies, noise_online=args.noise_online,
