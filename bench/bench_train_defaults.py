@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--online-steps", type=int, default=11)
     ap.add_argument("--models", default="keynet,supportnet")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="60k keys, 3k queries, 64 lists")
     args = ap.parse_args(argv)
     if args.quick:
@@ -88,21 +89,30 @@ def main(argv=None) -> int:
                        "noise 0": dataclasses.replace(default, noise=0.0, steps=args.steps),
                        "online (old default)": dataclasses.replace(default, noise_online=True,
                                                                    steps=args.online_steps)}
-            per_step, copies_s = {}, None
-            for name, cfg in configs.items():
-                run = tmp / f"{kind}_{name.split()[0]}"
+            per_step, copies_s, noisy_cache = {}, None, None
+            # default and noise 0 alternate (same load for both), best of --repeats; the
+            # noisy copies are labelled once (first default run) and their cache reused
+            order = [n for _ in range(args.repeats) for n in ("default", "noise 0")] + ["online (old default)"]
+            for rep, name in enumerate(order):
+                cfg = configs[name]
+                run = tmp / f"{kind}_{rep}"
                 shutil.copytree(base, run / "labels")
+                if name == "default" and noisy_cache is not None:
+                    shutil.copytree(noisy_cache, run / "noisy")
                 t = time.perf_counter()
                 train(keys, queries, run, cfg, partitions=parts, progress=False)
                 total = time.perf_counter() - t
-                per_step[name] = step_seconds(run, skip=0)
-                if name == "default":
+                secs = step_seconds(run, skip=0)
+                per_step[name] = min(per_step.get(name, float("inf")), secs)
+                if name == "default" and noisy_cache is None:
                     import json
 
-                    copies_s = json.loads((run / "noisy" / "manifest.json").read_text())["label_seconds"]
-                print(f"  {kind:10s} {name:22s} {per_step[name]:7.3f} s/step  (run {total:.0f} s)")
+                    noisy_cache = run / "noisy"
+                    copies_s = json.loads((noisy_cache / "manifest.json").read_text())["label_seconds"]
+                print(f"  {kind:10s} {name:22s} {secs:7.3f} s/step  (run {total:.0f} s)", flush=True)
+            for name, secs in per_step.items():
                 rows.append({**common, "provider": kind, "config": name, "metric": "seconds_per_step",
-                             "value": per_step[name]})
+                             "value": secs})
             n_train = len(split_queries(args.queries, default.val_fraction, 0)[0])
             k = N.DEFAULT_COPIES_CPU
             projected = label_s + copies_s + 400 * per_step["default"]
