@@ -23,8 +23,9 @@ hands faiss amips' own data, so results stay amips' results:
 Selection (``AMIPS_CPU_ENGINE``): ``auto`` (default) uses faiss on CPU when it applies
 (fp32 keys for the exact engine; 4-bit codes for PQ) and torch otherwise; ``torch``
 forces the torch paths, ``faiss`` insists (an error where faiss cannot serve). Any faiss
-failure in ``auto`` falls back to torch with one warning. The choice was measured: faiss
-is faster at every batch size and nprobe measured (bench/RESULTS.md, issue 13).
+failure in ``auto`` falls back to torch with one warning. The rule is fixed (no per-batch
+timing): faiss avoids the torch path's cliff on unequal lists reported in issue 13 and its
+per-list overhead on small batches (bench/bench_cpu_engines.py measures both).
 """
 
 from __future__ import annotations
