@@ -74,8 +74,8 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
 
-    from ..train import TrainConfig, train
     from ..noisy import default_batch_size
+    from ..train import TrainConfig, train
 
     device = args.device
     if device == "cuda_if_available":
