@@ -300,6 +300,9 @@ def train_distributed(keys, queries, out, config=None, *, labels_dir=None, parti
     def folder():
         cfg2, model_cfg, run_cfg = T._prepare_run_folder(root, cfg, inp, resume)
         lab, train_idx, val_idx = T._run_labels(root, cfg2, inp, labels_dir, progress)
+        # rank 0 makes and labels the noisy copies once; the others then read its cache
+        T._noisy.prepare(cfg2, inp.q_t, inp.keys_t, train_idx, root, partition_ids=inp.pid,
+                         n_partitions=inp.n_parts, device=inp.dev, progress=progress)
         ckpt = T._read_checkpoint(root) if resume else None
         T._resume_metrics(root, ckpt[1] if ckpt is not None else None)
         return cfg2, model_cfg, run_cfg, lab, train_idx, val_idx, ckpt
@@ -311,7 +314,10 @@ def train_distributed(keys, queries, out, config=None, *, labels_dir=None, parti
         T._restore(ckpt[0], m.model, m.ema, m.optimizer, m.gen_cpu, m.gen_dev, inp.dev)
         start = ckpt[1]
     ddp = DistributedDataParallel(m.model, device_ids=[inp.dev.index] if inp.dev.type == "cuda" else None)
-    stepper = T._Stepper(cfg, inp, lab, train_idx, m, forward=ddp, rank=r, world_size=w, reduce=all_reduce_sum)
+    pool = T._noisy.prepare(cfg, inp.q_t, inp.keys_t, train_idx, root, partition_ids=inp.pid,
+                            n_partitions=inp.n_parts, device=inp.dev, progress=False)
+    stepper = T._Stepper(cfg, inp, lab, train_idx, m, forward=ddp, rank=r, world_size=w, reduce=all_reduce_sum,
+                         noisy_pool=pool)
 
     def agree_stop(flag: bool) -> bool:
         # rank 0's clock decides, so every rank stops after the same step

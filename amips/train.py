@@ -12,8 +12,9 @@ The per-head squared errors are weighted towards the lists near the top (``focus
 the hundreds far below.
 
 Queries are split into train and validation BY ORIGINAL QUERY before any augmentation.
-Augmentation adds Gaussian noise to a fraction of each training batch, renormalises each
-noisy query to its original norm and labels it exactly on the fly.
+Augmentation replaces a fraction of each training batch by noisy copies of the same
+queries (Gaussian noise, renormalised to the original norm), made once and labelled in
+one bulk pass (:mod:`amips.noisy`); ``noise_online`` labels fresh noise every step instead.
 
 Optimiser: Adam/AdamW, linear warmup then cosine decay, gradient-norm clipping, an EMA of
 the weights (evaluated and saved), bf16 autocast on CUDA. Everything needed to continue
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import labels as _labels
+from . import noisy as _noisy
 from . import provenance as _provenance
 from ._io import atomic_save_npy, atomic_write_bytes, atomic_write_json, sha256_file
 from ._io import fault_point as _fault_point
@@ -72,6 +74,8 @@ class TrainConfig:
     w_key: float = 1.0
     noise: float = 0.05
     noise_fraction: float = 0.5
+    noise_copies: int | None = None  # None: amips.noisy.default_copies(device)
+    noise_online: bool = False
     val_fraction: float = 0.04
     eval_every: int = 200
     checkpoint_every: int = 200
@@ -108,6 +112,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not ok or not math.isfinite(v):
                 raise InputError(f"{name}: invalid value {v!r}")
+        if self.noise_copies is not None:
+            _noisy.check_copies(self.noise_copies)
         if self.w_score == 0 and self.w_key == 0:
             raise InputError("w_score and w_key: at least one loss weight must be > 0")
         if self.optimizer not in ("adam", "adamw"):
@@ -537,10 +543,12 @@ def _prepare_run_folder(out, cfg: TrainConfig, inp: _Inputs, resume: bool) -> tu
     old = json.loads(cfg_path.read_text()) if resume and cfg_path.exists() else None
     if old is not None:
         # a run started before an option existed resumes with the behaviour it started with
-        legacy = {"centroid_init": False, "focus": 0.0}
+        legacy = {"centroid_init": False, "focus": 0.0, "noise_copies": 0, "noise_online": True}
         missing = {k: v for k, v in legacy.items() if k not in old.get("train", {})}
         if missing:
             cfg = dataclasses.replace(cfg, **missing)
+    if cfg.noise_copies is None:
+        cfg = dataclasses.replace(cfg, noise_copies=_noisy.default_copies(inp.dev))
     model_cfg = _model_config(cfg, d, n_keys, inp.n_heads, inp.q_t)
     run_cfg = {
         "model": model_cfg,
@@ -669,7 +677,7 @@ class _Stepper:
     """
 
     def __init__(self, cfg: TrainConfig, inp: _Inputs, lab: dict, train_idx, m: _Model,
-                 *, forward=None, rank: int = 0, world_size: int = 1, reduce=None):
+                 *, forward=None, rank: int = 0, world_size: int = 1, reduce=None, noisy_pool=None):
         dev = inp.dev
         self.cfg, self.m, self.dev = cfg, m, dev
         self.forward = forward if forward is not None else m.model
@@ -680,11 +688,13 @@ class _Stepper:
         self.keys_dev = inp.keys_t.to(dev)
         self.q_dev = inp.q_t.to(dev)
         self.pid_dev = inp.pid.to(dev) if inp.pid is not None else None
-        # one labeler for the whole run: the key shard is prepared once, not at every step
+        # noisy copies made once (amips.noisy), or, for runs that ask for it, fresh noise
+        # labelled every step by one labeler whose key shard is prepared once
+        self.noisy_pool = noisy_pool
         self.noisy_labeler = _labels.Labeler(
             self.keys_dev, partition_ids=self.pid_dev,
             n_partitions=inp.n_parts if self.pid_dev is not None else None,
-        )
+        ) if cfg.noise_online else None
         self.top1_i = lab["top1_index"].to(dev)
         self.top1_s = lab["top1_score"].float().to(dev)
         self.part_s = lab["partition_score"].float().to(dev) if inp.pid is not None else None
@@ -696,11 +706,18 @@ class _Stepper:
         cfg, dev, m = self.cfg, self.dev, self.m
         lo, hi = self.lo, self.hi
         pos = torch.randint(0, self.train_t.shape[0], (cfg.batch_size,), generator=m.gen_cpu).to(dev)
+        if self.noisy_pool is not None:
+            # the copies are drawn for the whole global batch (world-size-independent RNG)
+            idx = self.train_t[pos]
+            ps = self.part_s[idx] if self.part_s is not None else None
+            q, s_star, i_star, ps = self.noisy_pool.draw(
+                pos, self.q_dev[idx], self.top1_s[idx], self.top1_i[idx], ps, m.gen_dev)
+            return q[lo:hi], s_star[lo:hi], i_star[lo:hi], ps[lo:hi] if ps is not None else None
         idx = self.train_t[pos][lo:hi]
         q = self.q_dev[idx]
         s_star, i_star = self.top1_s[idx], self.top1_i[idx]
         ps = self.part_s[idx] if self.part_s is not None else None
-        if cfg.noise > 0 and cfg.noise_fraction > 0:
+        if cfg.noise_online and cfg.noise > 0 and cfg.noise_fraction > 0:
             noisy = torch.rand(cfg.batch_size, generator=m.gen_dev, device=dev) < cfg.noise_fraction
             eps = torch.randn((cfg.batch_size, self.d), generator=m.gen_dev, device=dev)
             noisy, eps = noisy[lo:hi], eps[lo:hi]
@@ -800,7 +817,9 @@ def train(
         _restore(ckpt[0], m.model, m.ema, m.optimizer, m.gen_cpu, m.gen_dev, inp.dev)
         start = ckpt[1]
     _resume_metrics(root, start if ckpt is not None else None)
-    stepper = _Stepper(cfg, inp, lab, train_idx, m)
+    pool = _noisy.prepare(cfg, inp.q_t, inp.keys_t, train_idx, root, partition_ids=inp.pid,
+                          n_partitions=inp.n_parts, device=inp.dev, progress=progress)
+    stepper = _Stepper(cfg, inp, lab, train_idx, m, noisy_pool=pool)
     return _train_loop(root, cfg, model_cfg, run_cfg, inp, lab, val_idx, m, stepper, start, progress)
 
 
@@ -828,6 +847,7 @@ def _train_loop(root: Path, cfg: TrainConfig, model_cfg: dict, run_cfg: dict, in
     t0 = time.time()
     last = {}
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.model}", disable=not (progress and writer))
+    clock = _noisy.StepClock(start, cfg.steps, write=tqdm.write if (progress and writer) else (lambda _m: None))
     step = start
     m.model.train()
     mfh = open(metrics_path, "a") if writer else None
@@ -854,6 +874,7 @@ def _train_loop(root: Path, cfg: TrainConfig, model_cfg: dict, run_cfg: dict, in
                 mfh.flush()
                 _save_checkpoint(root, run_cfg, step, m)
             bar.update(1)
+            clock.tick(step)
             post = {"loss": f"{rec['loss']:.4g}"}
             if last:
                 post["key_err"] = f"{last['rel_key_error_median']:.3f}"

@@ -146,6 +146,9 @@ def main(argv=None) -> int:
     ap.add_argument("--synthetic", type=int, default=None, metavar="N_KEYS",
                     help="instead of --data: a seeded synthetic set of N_KEYS unit-norm keys x 384 with "
                          "110,000 shifted queries (100,000 train / 10,000 test), e.g. 1000000 for the GPU target")
+    ap.add_argument("--wordlike", type=int, default=None, metavar="N_KEYS",
+                    help="instead of --data: a seeded word-vector-like set (bench/_wordlike.py: natural "
+                         "norms, clusters of very unequal size) of N_KEYS x 100, 40,000 train / 3,000 test queries")
     ap.add_argument("--from-csv", default=None, help="only re-print the tables of a previous run's CSV")
     args = ap.parse_args(argv)
     if args.from_csv:
@@ -170,7 +173,15 @@ def main(argv=None) -> int:
             faiss.omp_set_num_threads(n)
 
     set_threads(args.threads)
-    if args.synthetic:
+    if args.wordlike:
+        from types import SimpleNamespace
+
+        from _wordlike import word_vector_like
+
+        wk, wq = word_vector_like(args.wordlike, 43_000, 100, seed=0)
+        ds = SimpleNamespace(keys=wk, queries_train=wq[:40_000], queries_test=wq[40_000:])
+        name = f"wordlike{args.wordlike}"
+    elif args.synthetic:
         ds = amips.data.synthetic(args.synthetic, 110_000, 384, n_clusters=max(64, args.synthetic // 2000),
                                   test_fraction=10_000 / 110_000, seed=0)
         name = f"synthetic{args.synthetic}"

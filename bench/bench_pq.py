@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import sys
 import time
 from pathlib import Path
@@ -334,6 +335,79 @@ def part_gpu():
 
 
 # ------------------------------------------------------------------------ main
+def part_ivf_default(name, keys, queries, gt_score, *, n_lists, subspaces, nprobes, reorders,
+                     repeats=3, torch_queries=300):
+    """The CPU default of ``IVFIndex.search(scanner="pq")`` (faiss fast-scan over amips'
+    score-aware codes) next to faiss IVFPQFastScan on the same lists and code size, and the
+    torch path on a query subset; one thread, interleaved, best of ``repeats``."""
+    import os
+
+    import faiss
+
+    from amips.index import IVFIndex
+    from amips.index.faiss_backend import to_faiss
+
+    faiss.omp_set_num_threads(1)
+    judge = Judge(keys, queries, gt_score)
+    t = time.time()
+    index = IVFIndex.build(keys, n_lists, iters=10, seed=0, pq_subspaces=subspaces,
+                           anisotropic_threshold=0.2)
+    build = time.time() - t
+    fidx = to_faiss(index, kind="pqfs", pq_subspaces=subspaces)
+    sizes = index.list_sizes
+    print(f"[{name}] ivf: {n_lists} lists ({int(sizes.min())}..{int(sizes.max())}), PQ{subspaces}x4 "
+          f"score-aware, built in {build:.0f} s", flush=True)
+    q = queries.float().contiguous()
+    qn = q.numpy()
+    bits = subspaces * 4
+    for nprobe in nprobes:
+        for r in reorders:
+            k_out = 10
+            def amips_default(nprobe=nprobe, r=r, k_out=k_out):
+                os.environ["AMIPS_CPU_ENGINE"] = "auto"
+                return index.search(q, k_out, nprobe, scanner="pq", reorder=r)[1]
+
+            def amips_torch(nprobe=nprobe, r=r, k_out=k_out):
+                os.environ["AMIPS_CPU_ENGINE"] = "torch"
+                try:
+                    return index.search(q[:torch_queries], k_out, nprobe, scanner="pq", reorder=r)[1]
+                finally:
+                    os.environ["AMIPS_CPU_ENGINE"] = "auto"
+
+            base = fidx
+            if r:
+                base = faiss.IndexRefineFlat(fidx, np.ascontiguousarray(index.keys().numpy()))
+                base.k_factor = r / k_out
+            def faiss_fs(nprobe=nprobe, base=base, k_out=k_out):
+                fidx.nprobe = nprobe
+                return torch.from_numpy(base.search(qn, k_out)[1])
+
+            best = {"amips-cpu-default": math.inf, "faiss-ivfpq-fastscan": math.inf, "amips-torch": math.inf}
+            res = {}
+            for _ in range(repeats):  # interleaved
+                for prov, fn in (("amips-cpu-default", amips_default), ("faiss-ivfpq-fastscan", faiss_fs),
+                                 ("amips-torch", amips_torch)):
+                    t = time.perf_counter()
+                    res[prov] = fn()
+                    best[prov] = min(best[prov], time.perf_counter() - t)
+            line = []
+            for prov, secs in best.items():
+                nq = torch_queries if prov == "amips-torch" else q.shape[0]
+                top = res[prov][:, 0]
+                exact = (judge.keys[top.clamp_min(0)] * judge.queries[:nq]).sum(1)
+                m1 = float(((exact >= judge.cut[:nq]) & (top >= 0)).float().mean())
+                record(prov, name, bits, subspaces, 0.2 if prov != "faiss-ivfpq-fastscan" else "", r,
+                       "qps", nq / secs, nprobe=nprobe, n_lists=n_lists, n_queries=nq)
+                record(prov, name, bits, subspaces, 0.2 if prov != "faiss-ivfpq-fastscan" else "", r,
+                       "match_at_1", m1, nprobe=nprobe, n_lists=n_lists, n_queries=nq)
+                line.append(f"{prov} {nq / secs:8.0f} q/s m@1 {m1:.3f}")
+            ratio = best["faiss-ivfpq-fastscan"] / best["amips-cpu-default"] * 1.0
+            record("amips-cpu-default", name, bits, subspaces, 0.2, r, "qps_ratio_vs_faiss", ratio,
+                   nprobe=nprobe, n_lists=n_lists)
+            print(f"[{name}] nprobe {nprobe:3d} R {r:3d}: " + " | ".join(line) + f" | default/faiss {ratio:.2f}x",
+                  flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="SciFact only, thresholds 0.2 and 0.4")
@@ -343,6 +417,9 @@ def main(argv=None) -> int:
     ap.add_argument("--qps-queries", type=int, default=50)
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--parts", default="fig3,fig3b,side,lut,gpu")
+    ap.add_argument("--ivf-lists", type=int, default=512, help="part ivf: lists of the IVF index")
+    ap.add_argument("--ivf-wordlike", type=int, default=300_000,
+                    help="part ivf: also on a word-vector-like set of this many keys x 100 (0: off)")
     ap.add_argument("--plot-only", metavar="CSV", help="redraw the PNG from a CSV and exit")
     args = ap.parse_args(argv)
     if args.plot_only:
@@ -358,7 +435,7 @@ def main(argv=None) -> int:
     parts = set(args.parts.split(","))
     dev = device_name()
     t_start = time.time()
-    for name in datasets:
+    for name in [d for d in datasets if d]:
         keys, queries, gt_score = load(name, None if name == "scifact" else args.n_queries)
         g = torch.Generator().manual_seed(0)
         if keys.shape[0] > args.train_keys:
@@ -373,8 +450,19 @@ def main(argv=None) -> int:
                        (4, 2) if args.quick else (8, 4, 2))
         if "side" in parts:
             part_side(name, keys, queries, gt_score, train_x, args.iters, args.qps_queries)
+        if "ivf" in parts and name != "scifact":
+            part_ivf_default(name, keys, queries, gt_score, n_lists=args.ivf_lists,
+                             subspaces=keys.shape[1] // 2, nprobes=(8, 16, 32), reorders=(0, 100))
         if "lut" in parts and name == "scifact":
             part_lut_dtype(name, keys, queries, gt_score, args.iters)
+    if "ivf" in parts and args.ivf_wordlike:
+        from _wordlike import word_vector_like
+
+        wk, wq = word_vector_like(args.ivf_wordlike, args.n_queries, 100, seed=0)
+        wk, wq = torch.from_numpy(wk), torch.from_numpy(wq)
+        gt = torch.cat([(wq[a:a + 1024] @ wk.T).max(1).values for a in range(0, wq.shape[0], 1024)])
+        part_ivf_default("wordlike", wk, wq, gt, n_lists=args.ivf_lists, subspaces=50,
+                         nprobes=(8, 16, 32), reorders=(0, 100))
     if "gpu" in parts:
         part_gpu()
     OUT.mkdir(parents=True, exist_ok=True)

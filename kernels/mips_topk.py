@@ -314,7 +314,7 @@ def mips_top1_launch_config(nq: int, nk: int, d: int, *, n_segments: int | None 
     64-wide d chunks, or one chunk holding the whole query row when d <= 128 (the query tile
     is then loaded once per program); tf32 uses 32-wide chunks; exact ieee fp32 runs on FMA
     units with 64 x 64 tiles and 8 warps. On Ampere (mma.sync, operands in registers) 8
-    warps always, and 64-key tiles when d is chunked. Stages: as many as fit the device's shared memory, at most 4
+    warps and 64-key tiles always. Stages: as many as fit the device's shared memory, at most 4
     (Hopper) or 3 (Ampere). Splits: enough key ranges that the grid holds >= 2 programs per
     SM, each range at least 4 key tiles.
     """
@@ -337,11 +337,11 @@ def mips_top1_launch_config(nq: int, nk: int, d: int, *, n_segments: int | None 
         else:
             block_d, one_chunk = (64 if elem == 2 else 32), False
         if device.arch < 90:
-            # mma.sync keeps both operand fragments in registers: 8 warps, and 64-key
-            # tiles when the d loop is chunked, keep the tile and its epilogue spill-free
+            # mma.sync keeps both operand fragments in registers: 8 warps and 64-key tiles
+            # keep the tile and its epilogue spill-free (128-key tiles with the 8-wide
+            # window spilled on Triton 3.6)
             warps = 8
-            if not one_chunk:
-                block_n = 64
+            block_n = 64
     max_stages = 4 if device.arch >= 90 else 3
     if operand == "ieee":
         max_stages = 2

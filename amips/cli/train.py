@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     p.add_argument("--labels", default=None, help="labels folder written by `amips labels`")
     p.add_argument("--partitions", default=None, help="partitions.npy: IVF list id per key")
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 4096 on CUDA, 1024 on CPU")
     add_device(p, default="cuda_if_available")
     add_threads(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -66,6 +66,11 @@ def register(subparsers) -> None:
     opt.add_argument("--noise", type=float, default=0.05,
                      help="augmentation: Gaussian noise std relative to ||q||/sqrt(d) (0: off)")
     opt.add_argument("--noise-fraction", type=float, default=0.5, help="share of each batch made noisy")
+    opt.add_argument("--noise-copies", type=int, default=None,
+                     help="noisy copies of every training query, made once and labelled in one bulk "
+                          "pass (default: 16 on CUDA, 1 on CPU; 0: no noise)")
+    opt.add_argument("--noise-online", action="store_true",
+                     help="label noisy queries on the fly every step instead (slow on CPU)")
     opt.add_argument("--focus", type=float, default=1.5,
                      help="multi-head routers: weight each head's squared error towards the lists whose "
                           "support value is within ~FOCUS standard deviations of the best (0: plain MSE)")
@@ -82,6 +87,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
 
+    from ..noisy import default_batch_size
     from ..train import TrainConfig, train
 
     device_and_threads(args)
@@ -98,9 +104,11 @@ def run(args) -> int:
     cfg = TrainConfig(
         model=args.model, width=args.width, depth=args.depth, param_fraction=args.param_fraction,
         homogeneous=args.homogeneous, inject_every=args.inject_every, residual=not args.no_residual,
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        steps=args.steps,
+        batch_size=args.batch_size if args.batch_size is not None else default_batch_size(device), lr=args.lr, weight_decay=args.weight_decay,
         optimizer=args.optimizer, warmup=args.warmup, clip=args.clip, ema=args.ema,
         w_score=args.w_score, w_key=args.w_key, noise=args.noise, noise_fraction=args.noise_fraction,
+        noise_copies=args.noise_copies, noise_online=args.noise_online,
         val_fraction=args.val_fraction, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, seed=args.seed, bf16=not args.no_bf16,
         max_minutes=args.max_minutes, centroid_init=not args.no_centroid_init,

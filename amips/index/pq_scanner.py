@@ -128,6 +128,7 @@ class PQScanner:
     def to(self, device) -> PQScanner:
         for name in ("codebooks", "codes", "list_offsets", "centroids"):
             setattr(self, name, getattr(self, name).to(device))
+        self._cpu_engine = None
         return self
 
     def decode(self) -> torch.Tensor:
@@ -184,6 +185,13 @@ class PQScanner:
             keys = keys.to(self.device)
         q = q.float().to(self.device)
         probes = _dedupe_probes(probes)
+        if self.device.type == "cpu":
+            from .cpu_engines import pq_engine  # faiss fast-scan over these codes, when it applies
+
+            engine = pq_engine(self)
+            if engine is not None:
+                scores, pos = engine.search(q, probes, k, reorder=reorder, keys_by_list=keys)
+                return scores.to(out_device), pos.to(out_device)
         lut = pq_lut(q, self.codebooks)
         lut, scale, offset = quantize_lut(lut, self.lut_dtype)
         if self.by_residual:

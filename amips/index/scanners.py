@@ -50,6 +50,12 @@ class ExactScanner:
             q = q.float()
         q = q.to(keys.device)
         probes = check_probes(probe_lists, q.shape[0], self.n_lists, keys.device)
+        if keys.device.type == "cpu" and keys_by_list is None:
+            from .cpu_engines import exact_engine  # faiss over these lists, when it applies
+
+            engine = exact_engine(self)
+            if engine is not None:
+                return engine.search(q, probes, k)
         offsets = self.list_offsets.to(keys.device)
         return ivf_scan(q, keys, offsets, probes, k)
 

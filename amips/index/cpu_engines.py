@@ -1,0 +1,252 @@
+"""CPU engines behind the scanners: faiss kernels over amips' own lists and codes.
+
+On CPU the torch paths of the scanners (``ivf_scan_ref``, ``pq_scan_ref``) group the
+(query, list) pairs by list and run one small matrix product or table gather per list:
+fine on a GPU-sized batch over equal lists, slow for single queries and, on lists of very
+unequal size, a cliff as nprobe grows (bench/RESULTS.md). faiss' IVF scanners walk each
+query's probed lists with SIMD kernels, at a cost linear in the keys scanned. This module
+hands faiss amips' own data, so results stay amips' results:
+
+- :class:`FaissExactEngine`: a faiss ``IndexIVFFlat`` whose inverted lists hold exactly
+  ``keys_by_list`` (label = row of ``keys_by_list``), searched with
+  ``search_preassigned`` on the lists the router chose. Scores are fp32 inner products,
+  equal to the torch path's up to summation order (compare tie-aware).
+- :class:`FaissPQEngine`: a faiss ``IndexIVFPQFastScan`` whose PQ codebooks ARE the amips
+  (score-aware) codebooks and whose inverted lists hold the amips codes, packed into
+  faiss' blocks of 32; faiss' 4-bit fast-scan (uint8 tables, SIMD shuffles) picks
+  ``2 * max(k, reorder)`` candidates (at least 32 more), which are re-scored with amips'
+  own float tables (the torch path's scores); the best ``max(k, reorder)`` are returned
+  or, with ``reorder``, re-scored exactly against the keys, as the torch path does.
+  When the candidates hold the torch path's top-k (always, bar near-ties within faiss'
+  table rounding), the results are the torch path's.
+
+Selection (``AMIPS_CPU_ENGINE``): ``auto`` (default) uses faiss on CPU when it applies
+(fp32 keys for the exact engine; 4-bit codes for PQ) and torch otherwise; ``torch``
+forces the torch paths, ``faiss`` insists (an error where faiss cannot serve). Any faiss
+failure in ``auto`` falls back to torch with one warning. The rule is fixed (no per-batch
+timing): faiss avoids the torch path's cliff on unequal lists reported in issue 13 and its
+per-list overhead on small batches (bench/bench_cpu_engines.py measures both).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import torch
+
+from .._validate import InputError
+
+ENGINES = ("auto", "torch", "faiss")
+N_RESCORE = 32  # extra PQ candidates fetched from faiss and re-scored with float tables
+_warned: set[str] = set()
+
+
+def engine_choice() -> str:
+    choice = os.environ.get("AMIPS_CPU_ENGINE", "auto").strip().lower() or "auto"
+    if choice not in ENGINES:
+        raise InputError(f"AMIPS_CPU_ENGINE: expected one of {ENGINES}, got {choice!r}")
+    return choice
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def _fallback(name: str, exc: Exception) -> None:
+    if engine_choice() == "faiss":
+        raise exc
+    if name not in _warned:
+        _warned.add(name)
+        warnings.warn(f"amips: faiss {name} engine failed ({exc}); using the torch path", stacklevel=3)
+
+
+def _dedupe(probes: torch.Tensor) -> torch.Tensor:
+    from .pq_scanner import _dedupe_probes
+
+    return _dedupe_probes(probes)
+
+
+def _rank(scores: torch.Tensor, pos: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best k by (score desc, position asc); missing entries (pos < 0) last as (-inf, -1)."""
+    scores = torch.where(pos >= 0, scores, torch.full_like(scores, float("-inf")))
+    big = torch.where(pos >= 0, pos, torch.full_like(pos, 2**62))
+    o1 = torch.argsort(big, dim=1, stable=True)
+    s1, p1 = scores.gather(1, o1), pos.gather(1, o1)
+    o2 = torch.argsort(s1, dim=1, descending=True, stable=True)[:, :k]
+    s, p = s1.gather(1, o2), p1.gather(1, o2)
+    if s.shape[1] < k:
+        pad = k - s.shape[1]
+        s = torch.cat([s, torch.full((s.shape[0], pad), float("-inf"))], 1)
+        p = torch.cat([p, torch.full((p.shape[0], pad), -1, dtype=torch.int64)], 1)
+    p = torch.where(torch.isneginf(s), torch.full_like(p, -1), p)
+    return s.contiguous(), p.contiguous()
+
+
+def _ivf_shell(faiss, centroids: np.ndarray):
+    quantizer = faiss.IndexFlatIP(centroids.shape[1])
+    quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    return quantizer
+
+
+class FaissExactEngine:
+    """Exact scan of amips lists by faiss IndexIVFFlat.search_preassigned."""
+
+    def __init__(self, keys_by_list: torch.Tensor, list_offsets: torch.Tensor):
+        faiss = _faiss()
+        if faiss is None:
+            raise RuntimeError("faiss is not installed")
+        keys = np.ascontiguousarray(keys_by_list.detach().cpu().float().numpy())
+        off = list_offsets.cpu().long()
+        n_lists, d = off.numel() - 1, keys.shape[1]
+        # the coarse quantizer is never used (lists come from the router); it only has to exist
+        self._quantizer = _ivf_shell(faiss, np.zeros((n_lists, d), np.float32))
+        self.index = faiss.IndexIVFFlat(self._quantizer, d, n_lists, faiss.METRIC_INNER_PRODUCT)
+        lists = torch.repeat_interleave(torch.arange(n_lists), off[1:] - off[:-1]).numpy().astype(np.int64)
+        ids = np.arange(keys.shape[0], dtype=np.int64)
+        self.index.add_core(keys.shape[0], faiss.swig_ptr(keys), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+        self.index.parallel_mode = 0
+        self._keys, self._offsets = keys_by_list, off
+
+    # faiss keeps an arbitrary one of several keys tied at the k-th score; amips' rule is the
+    # lowest position. Fetching a few more settles almost every row; a row whose tie runs
+    # past what was fetched is scanned again by the torch path, which applies the rule.
+    TIE_MARGIN = 8
+
+    def search(self, queries: torch.Tensor, probes: torch.Tensor, k: int):
+        x = np.ascontiguousarray(queries.detach().cpu().float().numpy())
+        iq = np.ascontiguousarray(_dedupe(probes.cpu().long()).numpy())
+        self.index.nprobe = max(1, iq.shape[1])
+        kk = k + self.TIE_MARGIN
+        dist, labels = self.index.search_preassigned(x, kk, iq, np.zeros(iq.shape, np.float32))
+        s, p = _rank(torch.from_numpy(dist), torch.from_numpy(labels), kk)
+        unsettled = (p[:, -1] >= 0) & (s[:, k - 1] == s[:, -1])
+        s, p = s[:, :k].contiguous(), p[:, :k].contiguous()
+        if bool(unsettled.any()):
+            from ..kernels.ivf_scan import ivf_scan
+
+            rows = unsettled.nonzero().squeeze(1)
+            rs, rp = ivf_scan(queries[rows].float().cpu(), self._keys, self._offsets, probes[rows].cpu().long(), k)
+            s[rows], p[rows] = rs.to(s.dtype), rp.to(p.dtype)
+        return s, p
+
+
+class FaissPQEngine:
+    """4-bit fast-scan over the amips PQ codes and codebooks, re-scored with amips' tables."""
+
+    def __init__(self, pq):
+        faiss = _faiss()
+        if faiss is None:
+            raise RuntimeError("faiss is not installed")
+        if pq.bits != 4:
+            raise RuntimeError("faiss fast-scan takes 4-bit codes only")
+        m, ksub, dsub = pq.codebooks.shape
+        d = m * dsub
+        cents = pq.centroids.detach().cpu().float().numpy()
+        n_lists = cents.shape[0]
+        self._quantizer = _ivf_shell(faiss, cents)
+        idx = faiss.IndexIVFPQFastScan(self._quantizer, d, n_lists, m, 4, faiss.METRIC_INNER_PRODUCT)
+        idx.by_residual = bool(pq.by_residual)
+        faiss.copy_array_to_vector(
+            np.ascontiguousarray(pq.codebooks.detach().cpu().float().numpy()).ravel(), idx.pq.centroids)
+        idx.is_trained = True
+        codes = np.ascontiguousarray(pq.codes.detach().cpu().numpy())  # low nibble = even subspace
+        if codes.shape[1] != idx.code_size:
+            raise RuntimeError(f"code size {codes.shape[1]} != faiss' {idx.code_size}")
+        packer = idx.get_CodePacker()
+        nvec, block_size = packer.nvec, packer.block_size
+        off = pq.list_offsets.cpu().tolist()
+        for lst in range(n_lists):
+            a, b = off[lst], off[lst + 1]
+            if b == a:
+                continue
+            n_blocks = (b - a + nvec - 1) // nvec
+            flat = np.zeros((n_blocks * nvec, idx.code_size), dtype=np.uint8)
+            flat[: b - a] = codes[a:b]
+            blocks = np.zeros(n_blocks * block_size, dtype=np.uint8)
+            for j in range(n_blocks):
+                chunk = np.ascontiguousarray(flat[j * nvec:(j + 1) * nvec])
+                packer.pack_all(faiss.swig_ptr(chunk), faiss.swig_ptr(blocks[j * block_size:]))
+            ids = np.arange(a, b, dtype=np.int64)
+            idx.invlists.add_entries(lst, b - a, faiss.swig_ptr(ids), faiss.swig_ptr(blocks))
+        idx.ntotal = codes.shape[0]
+        self.index = idx
+        self.pq = pq
+        from ..kernels.pq_scan import unpack_codes
+
+        self._codes = unpack_codes(pq.codes.cpu(), pq.bits, m).to(torch.uint8)  # [n, M]
+        self._list_of_row = torch.repeat_interleave(
+            torch.arange(n_lists), pq.list_offsets.cpu()[1:] - pq.list_offsets.cpu()[:-1])
+
+    def search(self, queries: torch.Tensor, probes: torch.Tensor, k: int, *, reorder: int = 0,
+               keys_by_list: torch.Tensor | None = None):
+        from ..kernels.pq_scan import pq_lut, pq_reorder, quantize_lut
+
+        pq = self.pq
+        q = queries.detach().cpu().float().contiguous()
+        probes = _dedupe(probes.cpu().long())
+        cents = pq.centroids.cpu()
+        bias_all = q @ cents.T if pq.by_residual else None
+        dq = (bias_all.gather(1, probes.clamp_min(0)) if bias_all is not None
+              else torch.zeros(probes.shape))
+        # faiss' uint8 tables rank a little differently from amips' float tables: fetch a
+        # margin more, re-score with the float tables, keep the torch path's candidates
+        want = max(k, reorder) if reorder > 0 else k
+        n_cand = max(2 * want, want + N_RESCORE)
+        self.index.nprobe = max(1, probes.shape[1])
+        _, labels = self.index.search_preassigned(
+            np.ascontiguousarray(q.numpy()), n_cand, np.ascontiguousarray(probes.numpy()),
+            np.ascontiguousarray(dq.numpy(), dtype=np.float32))
+        cand = torch.from_numpy(labels)
+        # the torch path's scores of the candidates, from the same (quantized) tables
+        lut, scale, offset = quantize_lut(pq_lut(q, pq.codebooks.cpu()), pq.lut_dtype)
+        c = self._codes[cand.clamp_min(0)].long()  # [nq, C, M]
+        s = lut.float().gather(2, c.transpose(1, 2)).sum(1)  # [nq, C]
+        bias = offset[:, None].expand_as(s).clone()
+        if bias_all is not None:
+            bias = bias + bias_all.gather(1, self._list_of_row[cand.clamp_min(0)])
+        s, p = _rank(s * scale[:, None] + bias, cand, want)
+        if reorder > 0:
+            return _rank(*pq_reorder(q, keys_by_list.cpu(), p, k), k)
+        return s, p
+
+
+def exact_engine(scanner):
+    """The CPU engine of an ExactScanner, built once; None for the torch path."""
+    if engine_choice() == "torch":
+        return None
+    eng = getattr(scanner, "_cpu_engine", None)
+    if eng is not None:
+        return eng
+    if scanner.keys_by_list.dtype != torch.float32 and engine_choice() == "auto":
+        return None  # fp16/bf16 storage: a faiss copy would double memory; torch path
+    try:
+        eng = FaissExactEngine(scanner.keys_by_list, scanner.list_offsets)
+    except Exception as exc:  # noqa: BLE001 - any faiss failure falls back
+        _fallback("exact", exc)
+        return None
+    scanner._cpu_engine = eng
+    return eng
+
+
+def pq_engine(scanner):
+    """The CPU engine of a PQScanner, built once; None for the torch path."""
+    if engine_choice() == "torch":
+        return None
+    eng = getattr(scanner, "_cpu_engine", None)
+    if eng is not None:
+        return eng
+    if scanner.bits != 4 and engine_choice() == "auto":
+        return None
+    try:
+        eng = FaissPQEngine(scanner)
+    except Exception as exc:  # noqa: BLE001
+        _fallback("fast-scan", exc)
+        return None
+    scanner._cpu_engine = eng
+    return eng
