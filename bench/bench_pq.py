@@ -51,9 +51,8 @@ DATA = ROOT.parent / "shared" / "data"
 OUT = ROOT / "bench" / "out"
 sys.path.insert(0, str(ROOT))
 
-from amips.kernels.pq_scan import pack_codes  # noqa: E402
-
 from amips.index.pq_scanner import PQScanner  # noqa: E402
+from amips.kernels.pq_scan import pack_codes  # noqa: E402
 from amips.quantize import ProductQuantizer  # noqa: E402
 
 ROWS: list[dict] = []
@@ -311,6 +310,7 @@ def part_gpu():
         print("GPU scan throughput: no GPU in this session (CUDA unavailable); nothing measured")
         return
     import triton.testing
+
     from amips.kernels.pq_scan import pq_scan
 
     dev = "cuda"

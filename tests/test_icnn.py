@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from amips.kernels import triton_available
 from amips.kernels.icnn import icnn_layer, icnn_layer_ref
 

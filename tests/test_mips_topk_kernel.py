@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from amips.kernels.mips_topk import (
     mips_topk,
     mips_topk_ref,

@@ -5,6 +5,9 @@ import json
 
 import pytest
 import torch
+
+from amips._validate import InputError
+from amips.index.pq_scanner import PQScanner
 from amips.kernels.pq_scan import (
     pack_codes,
     pq_lut,
@@ -14,9 +17,6 @@ from amips.kernels.pq_scan import (
     quantize_lut,
     unpack_codes,
 )
-
-from amips._validate import InputError
-from amips.index.pq_scanner import PQScanner
 
 # torch single-threaded here: a fixed reduction order and no oversubscription of 2 cores
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
