@@ -208,6 +208,15 @@ if triton is not None:
         tl.store(lost_ptr + out_row, lost, mask=row_mask)
 
 
+def _check_offsets(offsets: torch.Tensor, n_keys: int) -> None:
+    if offsets.dim() != 1 or offsets.numel() < 2 or offsets.dtype != torch.int64:
+        raise ValueError("offsets: expected an int64 vector [n_segments + 1]")
+    if int(offsets[0]) != 0 or int(offsets[-1]) != n_keys:
+        raise ValueError("offsets: must start at 0 and end at the number of keys")
+    if bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError("offsets: must be non-decreasing")
+
+
 def _check_inputs(queries: torch.Tensor, keys: torch.Tensor, kp: int, offsets: torch.Tensor | None):
     if not isinstance(queries, torch.Tensor) or not isinstance(keys, torch.Tensor):
         raise TypeError("queries, keys: expected torch tensors")
@@ -228,12 +237,7 @@ def _check_inputs(queries: torch.Tensor, keys: torch.Tensor, kp: int, offsets: t
     if kp < 1:
         raise ValueError(f"kp: must be >= 1, got {kp}")
     if offsets is not None:
-        if offsets.dim() != 1 or offsets.numel() < 2 or offsets.dtype != torch.int64:
-            raise ValueError("offsets: expected an int64 vector [n_segments + 1]")
-        if int(offsets[0]) != 0 or int(offsets[-1]) != keys.shape[0]:
-            raise ValueError("offsets: must start at 0 and end at the number of keys")
-        if bool((offsets[1:] < offsets[:-1]).any()):
-            raise ValueError("offsets: must be non-decreasing")
+        _check_offsets(offsets, keys.shape[0])
 
 
 def _merge_sorted_topk(scores: torch.Tensor, index: torch.Tensor, kp: int):
@@ -400,12 +404,7 @@ def _check_top1_inputs(queries, keys, offsets, window, segment_scale, near):
     if near not in (4, 8, 16):
         raise ValueError(f"near: expected 4, 8 or 16, got {near}")
     if offsets is not None:
-        if offsets.dim() != 1 or offsets.numel() < 2 or offsets.dtype != torch.int64:
-            raise ValueError("offsets: expected an int64 vector [n_segments + 1]")
-        if int(offsets[0]) != 0 or int(offsets[-1]) != keys.shape[0]:
-            raise ValueError("offsets: must start at 0 and end at the number of keys")
-        if bool((offsets[1:] < offsets[:-1]).any()):
-            raise ValueError("offsets: must be non-decreasing")
+        _check_offsets(offsets, keys.shape[0])
     if window is not None:
         if window.shape != (queries.shape[0],) or bool((window < 0).any()) or not bool(torch.isfinite(window).all()):
             raise ValueError("window: expected finite non-negative values, one per query")

@@ -158,22 +158,10 @@ class FaissPQEngine:
         codes = np.ascontiguousarray(pq.codes.detach().cpu().numpy())  # low nibble = even subspace
         if codes.shape[1] != idx.code_size:
             raise RuntimeError(f"code size {codes.shape[1]} != faiss' {idx.code_size}")
-        packer = idx.get_CodePacker()
-        nvec, block_size = packer.nvec, packer.block_size
-        off = pq.list_offsets.cpu().tolist()
-        for lst in range(n_lists):
-            a, b = off[lst], off[lst + 1]
-            if b == a:
-                continue
-            n_blocks = (b - a + nvec - 1) // nvec
-            flat = np.zeros((n_blocks * nvec, idx.code_size), dtype=np.uint8)
-            flat[: b - a] = codes[a:b]
-            blocks = np.zeros(n_blocks * block_size, dtype=np.uint8)
-            for j in range(n_blocks):
-                chunk = np.ascontiguousarray(flat[j * nvec:(j + 1) * nvec])
-                packer.pack_all(faiss.swig_ptr(chunk), faiss.swig_ptr(blocks[j * block_size:]))
-            ids = np.arange(a, b, dtype=np.int64)
-            idx.invlists.add_entries(lst, b - a, faiss.swig_ptr(ids), faiss.swig_ptr(blocks))
+        from .faiss_backend import pack_fastscan_lists
+
+        pack_fastscan_lists(faiss, idx, codes, pq.list_offsets.cpu().tolist(),
+                            np.arange(codes.shape[0], dtype=np.int64))
         idx.ntotal = codes.shape[0]
         self.index = idx
         self.pq = pq

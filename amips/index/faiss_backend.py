@@ -87,20 +87,7 @@ def _add_fastscan_preassigned(faiss, out, keys, ids, lists, offsets) -> None:
     n = keys.shape[0]
     codes = np.empty((n, out.code_size), dtype=np.uint8)
     out.encode_vectors(n, faiss.swig_ptr(keys), faiss.swig_ptr(lists), faiss.swig_ptr(codes), False)
-    packer = out.get_CodePacker()
-    nvec, block_size = packer.nvec, packer.block_size
-    for lst in range(len(offsets) - 1):
-        a, b = offsets[lst], offsets[lst + 1]
-        if b == a:
-            continue
-        n_blocks = (b - a + nvec - 1) // nvec
-        flat = np.zeros((n_blocks * nvec, out.code_size), dtype=np.uint8)
-        flat[: b - a] = codes[a:b]
-        blocks = np.zeros(n_blocks * block_size, dtype=np.uint8)
-        for j in range(n_blocks):
-            chunk = np.ascontiguousarray(flat[j * nvec : (j + 1) * nvec])
-            packer.pack_all(faiss.swig_ptr(chunk), faiss.swig_ptr(blocks[j * block_size :]))
-        out.invlists.add_entries(lst, b - a, faiss.swig_ptr(np.ascontiguousarray(ids[a:b])), faiss.swig_ptr(blocks))
+    pack_fastscan_lists(faiss, out, codes, offsets, ids)
     out.ntotal = n
 
 
@@ -170,3 +157,25 @@ class FaissIVF:
         # faiss builds it from q and the list centroid), then one add per subspace per code
         lut = 2.0 * d * 16 * nprobe
         return lut + m * float(n_codes_scanned) + 2.0 * d * float(refine)
+
+
+def pack_fastscan_lists(faiss, index, codes: np.ndarray, offsets, ids: np.ndarray) -> None:
+    """Put flat PQ ``codes`` [n, code_size], grouped by list (``offsets`` [n_lists + 1]),
+    into a fast-scan IVF index: its inverted lists hold codes interleaved in blocks of 32,
+    so each list is padded to whole blocks and packed with the index's code packer."""
+    packer = index.get_CodePacker()
+    nvec, block_size = packer.nvec, packer.block_size
+    for lst in range(len(offsets) - 1):
+        a, b = offsets[lst], offsets[lst + 1]
+        if b == a:
+            continue
+        n_blocks = (b - a + nvec - 1) // nvec
+        flat = np.zeros((n_blocks * nvec, index.code_size), dtype=np.uint8)
+        flat[: b - a] = codes[a:b]
+        blocks = np.zeros(n_blocks * block_size, dtype=np.uint8)
+        for j in range(n_blocks):
+            chunk = np.ascontiguousarray(flat[j * nvec : (j + 1) * nvec])
+            packer.pack_all(faiss.swig_ptr(chunk), faiss.swig_ptr(blocks[j * block_size :]))
+        index.invlists.add_entries(lst, b - a, faiss.swig_ptr(np.ascontiguousarray(ids[a:b])),
+                                   faiss.swig_ptr(blocks))
+
