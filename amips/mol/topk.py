@@ -37,7 +37,16 @@ import numpy as np
 import torch
 
 from .._validate import InputError
-from .similarity import ItemCache, MoL, QueryParts, score_all, score_candidates
+from .similarity import (
+    _BLOCK_ROWS,
+    ItemCache,
+    MoL,
+    QueryParts,
+    _gate_weights,
+    phi_from_logits,
+    score_all,
+    score_candidates,
+)
 
 METHODS = ("exact", "per_embedding", "averaged", "combined", "bound")
 SEARCHES = ("exact", "mm", "ivf")
@@ -112,6 +121,95 @@ def _check_int(value, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+class _Exclusion:
+    """Per-query excluded internal item ids, held as sorted (row, item) pairs.
+
+    Methods mask with it inside their own passes: ``contains`` / ``drop`` for candidate
+    lists, ``mask_block`` for a dense block of per-item values, ``take`` for a subset of
+    the rows. Nothing is over-fetched for the batch as a whole."""
+
+    def __init__(self, row: torch.Tensor, item: torch.Tensor, nq: int, n: int, device):
+        key = torch.unique((row.long() * n + item.long()).to(device))  # sorted, unique
+        self.nq, self.n, self.key = nq, n, key
+        self.row, self.item = key // n, key % n
+        self.counts = torch.bincount(self.row, minlength=nq)
+        order = self.item.argsort(stable=True)
+        self._by_item, self._row_by_item = self.item[order], self.row[order]
+
+    @classmethod
+    def from_rows(cls, rows: list, n: int, device) -> _Exclusion:
+        sizes = torch.tensor([int(r.numel()) for r in rows], dtype=torch.long)
+        item = torch.cat([r.long() for r in rows]) if rows else torch.empty(0, dtype=torch.long)
+        row = torch.repeat_interleave(torch.arange(len(rows)), sizes)
+        return cls(row, item, len(rows), n, device)
+
+    def take(self, rows: torch.Tensor) -> _Exclusion:
+        rows = rows.to(self.key.device)
+        if rows.dtype == torch.bool:
+            rows = rows.nonzero().flatten()
+        remap = torch.full((self.nq,), -1, dtype=torch.long, device=self.key.device)
+        remap[rows] = torch.arange(rows.numel(), device=self.key.device)
+        r = remap[self.row]
+        keep = r >= 0
+        return _Exclusion(r[keep], self.item[keep], rows.numel(), self.n, self.key.device)
+
+    def contains(self, ids: torch.Tensor) -> torch.Tensor:
+        """Bool, shape of ``ids`` [nq, ...]: the id is excluded for its row (-1: False)."""
+        if self.key.numel() == 0:
+            return torch.zeros_like(ids, dtype=torch.bool)
+        rows = torch.arange(ids.shape[0], device=ids.device).view(-1, *([1] * (ids.dim() - 1)))
+        k = rows * self.n + ids.clamp_min(0)
+        pos = torch.searchsorted(self.key, k.flatten()).clamp_max(self.key.numel() - 1)
+        return (self.key[pos].view_as(k) == k) & (ids >= 0)
+
+    def drop(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids.masked_fill(self.contains(ids), -1)
+
+    def mask_block(self, values: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """Set ``values`` [nq, b - a] (items a..b-1) to -inf at the excluded items."""
+        lo = int(torch.searchsorted(self._by_item, torch.tensor([a], device=self.key.device)))
+        hi = int(torch.searchsorted(self._by_item, torch.tensor([b], device=self.key.device)))
+        if hi > lo:
+            values[self._row_by_item[lo:hi], self._by_item[lo:hi] - a] = float("-inf")
+        return values
+
+
+def _take(excl: _Exclusion | None, rows) -> _Exclusion | None:
+    return None if excl is None else excl.take(torch.as_tensor(rows))
+
+
+def _fetch_groups(excl: _Exclusion | None, nq: int, kprime: int, n: int, device):
+    """Rows that share one search width: a row with e excluded items fetches kprime + e
+    (rounded up to a power of two so few searches run), a row with none fetches kprime."""
+    all_rows = torch.arange(nq, device=device)
+    if excl is None or excl.key.numel() == 0:
+        return [(all_rows, min(n, kprime))]
+    want = kprime + excl.counts.to(device)
+    width = torch.where(excl.counts.to(device) == 0, torch.full_like(want, kprime),
+                        2 ** torch.ceil(torch.log2(want.double())).long()).clamp_max(n)
+    return [(all_rows[width == w], int(w)) for w in torch.unique(width).tolist()]
+
+
+def _keep_first(ids: torch.Tensor, excl: _Exclusion | None, kprime: int) -> torch.Tensor:
+    """ids [r, G, w] (each list sorted best first): excluded ids dropped, then the first
+    ``kprime`` remaining ids of every list kept (the top-kprime of the non-excluded)."""
+    if excl is not None:
+        ids = excl.drop(ids)
+    valid = ids >= 0
+    keep = valid & (valid.cumsum(-1) <= kprime)
+    return ids.masked_fill(~keep, -1)
+
+
+def _scatter_rows(parts, nq: int, device) -> torch.Tensor:
+    """[(rows, ids [r, ...w]) ...] -> ids [nq, ..., max w], -1 padded."""
+    width = max(p[1].shape[-1] for p in parts)
+    shape = parts[0][1].shape[1:-1]
+    out = torch.full((nq, *shape, width), -1, dtype=torch.long, device=device)
+    for rows, ids in parts:
+        out[rows, ..., : ids.shape[-1]] = ids
+    return out
+
+
 def _blocked_ip_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, block: int = 1 << 16):
     """Top-k by inner product, blocked fp32 products (for k above amips.exact_topk's cap)."""
     nq = queries.shape[0]
@@ -163,24 +261,35 @@ def _ip_search(cache: ItemCache, key: tuple, keys_fn, queries: torch.Tensor, kpr
     return index.search(queries, kprime, min(nprobe, nlist))
 
 
-def _per_pair_lists(head, qp: QueryParts, cache: ItemCache, kprime: int, search: str,
-                    nlist, nprobe):
-    """Per-pair top-k' item ids [nq, L * k'] and each pair's k'-th logit [nq, L]."""
+def _per_pair_search(head, qp: QueryParts, cache: ItemCache, width: int, search: str, nlist,
+                     nprobe):
+    """Per-pair top-``width`` item ids [nq, L, width] and each list's last logit [nq, L]."""
     nq = qp.n
     ids, kth = [], []
     queries = qp.components.flatten(0, 1).float()  # [nq * P_Q, d]
     for j in range(head.p_x):
         s, i = _ip_search(cache, ("comp", j), lambda j=j: cache.components[:, j].contiguous(),
-                          queries, kprime, search, nlist, nprobe)
+                          queries, width, search, nlist, nprobe)
         ids.append(i.view(nq, head.p_q, -1))
         kth.append(s[:, -1].view(nq, head.p_q))
-    ids = torch.stack(ids, 2).flatten(1)  # [nq, P_Q, P_X, k'] -> [nq, L * k']
-    kth = torch.stack(kth, 2).flatten(1)  # pair p = i * P_X + j
+    ids = torch.stack(ids, 2).flatten(1, 2)  # [nq, P_Q, P_X, w] -> [nq, L, w], p = i * P_X + j
+    kth = torch.stack(kth, 2).flatten(1)
     return ids, kth
 
 
+def _per_pair_lists(head, qp: QueryParts, cache: ItemCache, kprime: int, search: str,
+                    nlist, nprobe, excl: _Exclusion | None = None):
+    """Per-pair top-``kprime`` non-excluded item ids [nq, L * kprime] (-1 padded)."""
+    parts = []
+    for rows, width in _fetch_groups(excl, qp.n, kprime, cache.n, cache.device):
+        ids, _ = _per_pair_search(head, qp.take(rows), cache, width, search, nlist, nprobe)
+        parts.append((rows, _keep_first(ids, _take(excl, rows), kprime)))
+    return _scatter_rows(parts, qp.n, cache.device).flatten(1)
+
+
 def _averaged_lists(head, qp: QueryParts, cache: ItemCache, kprime: int, search: str,
-                    nlist, nprobe):
+                    nlist, nprobe, excl: _Exclusion | None = None):
+    """Top-``kprime`` non-excluded item ids [nq, kprime] of the averaged search."""
     q = qp.components.float().sum(1)
 
     def keys_fn():
@@ -189,21 +298,24 @@ def _averaged_lists(head, qp: QueryParts, cache: ItemCache, kprime: int, search:
             avg = cache.extras["averaged"] = cache.components.float().mean(1).contiguous()
         return avg
 
-    _, ids = _ip_search(cache, ("avg",), keys_fn, q, kprime, search, nlist, nprobe)
-    return ids
+    parts = []
+    for rows, width in _fetch_groups(excl, qp.n, kprime, cache.n, cache.device):
+        _, ids = _ip_search(cache, ("avg",), keys_fn, q[rows], width, search, nlist, nprobe)
+        parts.append((rows, _keep_first(ids[:, None], _take(excl, rows), kprime)))
+    return _scatter_rows(parts, qp.n, cache.device).flatten(1)
 
 
-# --- the methods (internal ids, k already over-fetched) ----------------------------------
+# --- the methods (internal ids; exclusion handled per row inside each) ----------------------
 
-def _exact(head, qp, cache, k, *, extra: int | None = None, screen_margin: float = SCREEN_MARGIN,
-           backend: str = "auto"):
+def _exact(head, qp, cache, k, excl=None, *, extra: int | None = None,
+           screen_margin: float = SCREEN_MARGIN, backend: str = "auto"):
     from ..kernels import _backend
 
     if backend not in ("auto", "torch", "triton"):
         raise InputError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
     kernel = head.has_gate and (backend == "triton" or (backend == "auto" and _backend.use_triton(cache.components)))
     if kernel:
-        return _exact_tiles(head, qp, cache, k)
+        return _exact_tiles(head, qp, cache, k, excl)
     delta = screen_margin / head.tau
     n = cache.n
     k2 = min(n, k + (extra if extra is not None else max(16, k // 2)))
@@ -213,25 +325,22 @@ def _exact(head, qp, cache, k, *, extra: int | None = None, screen_margin: float
     scored = torch.zeros(nq, dtype=torch.long)
     pending = torch.arange(nq, device=cache.device)
     while pending.numel():
-        sub = qp.take(pending)
+        sub, ex = qp.take(pending), _take(excl, pending)
         block = max(1, min(n, 1 << 16))
         best_s = torch.empty(pending.numel(), 0, device=cache.device)
         best_i = torch.empty(pending.numel(), 0, dtype=torch.long, device=cache.device)
         for a in range(0, n, block):
-            s = score_all(head, sub, cache, start=a, stop=min(n, a + block))
+            b = min(n, a + block)
+            s = score_all(head, sub, cache, start=a, stop=b)
+            if ex is not None:
+                ex.mask_block(s, a, b)
             v, i = s.topk(min(k2, s.shape[1]), dim=1)
             best_s = torch.cat([best_s, v], 1)
             best_i = torch.cat([best_i, i + a], 1)
             if best_s.shape[1] > k2:
                 best_s, o = best_s.topk(k2, dim=1)
                 best_i = best_i.gather(1, o)
-        s_k, i_k, _ = _rescore_rank(head, sub, cache, best_i, k)
-        if k2 >= n:
-            ok = torch.ones(pending.numel(), dtype=torch.bool, device=cache.device)
-        else:
-            # An unkept item screened <= the smallest kept screen score, so its canonical score
-            # is <= that + delta; it cannot enter when the k-th canonical score is above.
-            ok = best_s.min(1).values + delta < s_k[:, -1]
+        ok, s_k, i_k = _certify(head, sub, cache, best_s, best_i, k, delta, k2 >= n)
         out_s[pending[ok]] = s_k[ok]
         out_i[pending[ok]] = i_k[ok]
         scored[pending.cpu()] += n
@@ -240,9 +349,27 @@ def _exact(head, qp, cache, k, *, extra: int | None = None, screen_margin: float
     return out_s, out_i, {"items_scored": scored.double().mean().item()}
 
 
-def _exact_tiles(head, qp, cache, k):
+def _certify(head, qp, cache, best_s, best_i, k, delta, complete: bool):
+    """Re-score the kept screen candidates (best_s/best_i [nq, w], -inf = excluded or
+    pruned) canonically. A query is certified when every item it did not keep screened at
+    most the smallest kept screen score, whose canonical score (<= that + delta) cannot
+    reach the k-th canonical score; or when it kept every item that survived its screen."""
+    best_i = best_i.masked_fill(best_s == float("-inf"), -1)
+    s_k, i_k, _ = _rescore_rank(head, qp, cache, best_i, k)
+    if complete:
+        return torch.ones(qp.n, dtype=torch.bool, device=cache.device), s_k, i_k
+    kept_all = (best_s > float("-inf")).sum(1) < best_s.shape[1]
+    ok = kept_all | (best_s.min(1).values + delta < s_k[:, -1])
+    return ok, s_k, i_k
+
+
+def _exact_tiles(head, qp, cache, k, excl=None):
     """The fused kernel's screen: per (query, tile of items) the largest fp32 phi; tiles
-    within the kernel's margin of the k-th best tile maximum are re-scored canonically."""
+    within the kernel's margin of the k-th best tile maximum are re-scored canonically.
+
+    With e excluded items a query takes its (k + e)-th best tile maximum T instead: of the
+    k + e tiles at or above T, at most e have an excluded item as their maximum, so k
+    non-excluded items screen >= T and the k-th best non-excluded item is kept."""
     from ..kernels import mol as mol_kernel
 
     w = head.pair_gate
@@ -253,8 +380,12 @@ def _exact_tiles(head, qp, cache, k):
     n = cache.n
     nq, n_tiles = tile_max.shape
     delta = mol_kernel.screen_margin(cache.components.dtype) / head.tau
-    kk = min(k, n_tiles)
-    t_k = tile_max.topk(kk, dim=1).values[:, -1:]
+    kk = torch.full((nq,), k, dtype=torch.long, device=tile_max.device)
+    if excl is not None:
+        kk = kk + excl.counts.to(kk.device)
+    kk = kk.clamp_max(n_tiles)
+    ordered = tile_max.sort(dim=1, descending=True).values
+    t_k = ordered.gather(1, (kk - 1)[:, None])
     keep = tile_max >= t_k - 2 * delta
     counts = keep.sum(1)
     width = int(counts.max())
@@ -262,7 +393,10 @@ def _exact_tiles(head, qp, cache, k):
     valid = torch.arange(width, device=keep.device)[None] < counts[:, None]
     items = order[:, :, None] * block_n + torch.arange(block_n, device=keep.device)
     items = torch.where(valid[:, :, None] & (items < n), items, torch.full_like(items, -1))
-    s, i, scored = _rescore_rank(head, qp, cache, items.flatten(1), k)
+    items = items.flatten(1)
+    if excl is not None:
+        items = excl.drop(items)
+    s, i, scored = _rescore_rank(head, qp, cache, items, k)
     return s, i, {"items_scored": float(n), "rescored": scored.double().mean().item()}
 
 
@@ -273,87 +407,118 @@ def _approximate(head, qp, cache, k, lists):
                   "canonical": canonical.double().mean().item()}
 
 
-def _bound(head, qp, cache, k, *, lists: str = "max_logit", kprime: int | None = None,
-           dense_fraction: float = 0.6,
-           max_kprime: int = 128, margin: float = BOUND_MARGIN,
-           range_margin: float = RANGE_MARGIN, search: str = "mm"):
+def _bound(head, qp, cache, k, excl=None, *, lists: str = "max_logit", kprime: int | None = None,
+           dense_fraction: float = 0.7, max_kprime: int = 128, margin: float = BOUND_MARGIN,
+           range_margin: float = RANGE_MARGIN, search: str = "mm", extra: int | None = None):
     if lists == "max_logit":
-        return _bound_max_logit(head, qp, cache, k, kprime=kprime, margin=margin,
-                                range_margin=range_margin, dense_fraction=dense_fraction)
+        if not (isinstance(dense_fraction, (int, float)) and 0 <= dense_fraction <= 1):
+            raise InputError(f"dense_fraction: expected a number in [0, 1], got {dense_fraction!r}")
+        return _bound_max_logit(head, qp, cache, k, excl, kprime=kprime, margin=margin,
+                                range_margin=range_margin, dense_fraction=float(dense_fraction),
+                                extra=extra)
     if lists != "per_pair":
         raise InputError(f"lists: expected 'max_logit' or 'per_pair', got {lists!r}")
-    return _bound_per_pair(head, qp, cache, k, kprime=kprime or 32, max_kprime=max_kprime,
+    return _bound_per_pair(head, qp, cache, k, excl, kprime=kprime or 32, max_kprime=max_kprime,
                            margin=margin, range_margin=range_margin, search=search)
 
 
 @torch.no_grad()
-def _max_pair_logits(head, qp, cache) -> torch.Tensor:
-    """[nq, N] fp32: every item's largest computed pair logit (blocked fp32 products)."""
-    nq, n = qp.n, cache.n
-    qc = qp.components.float().flatten(0, 1)
-    out = torch.empty(nq, n, dtype=torch.float32, device=cache.device)
-    block = max(256, (1 << 18) // max(1, qc.shape[0]))
-    for a in range(0, n, block):
-        b = min(n, a + block)
-        logits = qc @ cache.components[a:b].float().flatten(0, 1).T
-        out[:, a:b] = logits.view(nq, head.p_q, b - a, head.p_x).amax(dim=(1, 3))
-    return out
+def _bound_max_logit(head, qp, cache, k, excl=None, *, kprime, margin, range_margin,
+                     dense_fraction: float = 0.7, extra: int | None = None,
+                     screen_margin: float = SCREEN_MARGIN):
+    """Exact top-k in one blocked pass that skips the pair MLP where the bound allows.
 
-
-def _bound_max_logit(head, qp, cache, k, *, kprime, margin, range_margin,
-                     dense_fraction: float = 0.6, screen_margin: float = SCREEN_MARGIN):
-    """phi(x) <= max_p l_p(x) / tau for every item: one pass of pair logits (no pair MLP)
-    gives each item its bound m(x); the top-k' items by m are re-scored (S = their k-th
-    canonical score); every item with m(x) >= S * tau - range_margin can still enter, and is
-    screened in fp32 and certified like ``exact``. A query whose bound keeps more than
-    ``dense_fraction`` of the items goes to the exact screen instead (still exact)."""
-    n, dev = cache.n, cache.device
-    kprime = min(n, _check_int(kprime, "kprime") if kprime is not None else max(4 * k, 64))
-    kprime = max(kprime, k)
+    phi(x) <= m(x) / tau with m(x) = max_p l_p(x) (pi-convexity). A lower bound LB of the
+    true k-th canonical score comes first from ``kprime`` averaged-search candidates scored
+    canonically, and is raised as the pass goes (the k-th best fp32 screen score so far,
+    minus the screen margin). Per block of items the pair logits are one product (as in
+    ``exact``); m is taken from them; only (query, item) pairs with
+    m >= LB * tau - slack get the pair MLP and softmax (gathered rows), reusing the logits.
+    A pruned item's canonical score is below LB, so it cannot enter the top-k. A block in
+    which more than ``dense_fraction`` of the pairs pass is evaluated densely (exact's own
+    work). The screened survivors are certified as in ``exact``."""
+    n, dev, nq = cache.n, cache.device, qp.n
+    kprime = min(n, _check_int(kprime, "kprime") if kprime is not None else max(4 * k, 256))
     delta = screen_margin / head.tau
-    out_s = torch.empty(qp.n, k, dtype=torch.float32, device=dev)
-    out_i = torch.empty(qp.n, k, dtype=torch.long, device=dev)
-    scored = torch.zeros(qp.n, dtype=torch.float64)
-    passed = torch.zeros(qp.n, dtype=torch.float64)
-    n_dense = 0
-    chunk = max(1, (1 << 24) // n)  # [chunk, N] bounds at a time (<= 64 MiB)
-    for a in range(0, qp.n, chunk):
-        rows = torch.arange(a, min(qp.n, a + chunk), device=dev)
-        sub = qp.take(rows)
-        m = _max_pair_logits(head, sub, cache)
-        _, top_i = m.topk(kprime, dim=1)
-        s_k, _ = rank(score_candidates(head, sub, cache, top_i), top_i, k)
-        thr = s_k[:, -1:].double() * head.tau - range_margin
-        hit = m.double() >= thr  # holds every item that can reach S
-        hit.scatter_(1, top_i, True)
-        counts = hit.sum(1)
-        scored[rows.cpu()] += kprime
-        passed[rows.cpu()] = counts.double().cpu()
-        dense = counts > dense_fraction * n
-        if bool(dense.any()):
-            n_dense += int(dense.sum())
-            s_d, i_d, _ = _exact(head, sub.take(dense), cache, k, screen_margin=screen_margin,
-                                 backend="torch")
-            out_s[rows[dense]], out_i[rows[dense]] = s_d, i_d
-            scored[rows[dense].cpu()] += n
-        sparse = ~dense
-        if not bool(sparse.any()):
-            continue
-        sub_s, c_s = sub.take(sparse), counts[sparse]
-        width = int(c_s.max())
-        ids = hit[sparse].to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :width]
-        ids = ids.masked_fill(torch.arange(width, device=dev)[None] >= c_s[:, None], -1)
-        s2, i2, _ = _screen_rank(head, sub_s, cache, ids, k, delta)
-        out_s[rows[sparse]], out_i[rows[sparse]] = s2, i2
-        scored[rows[sparse].cpu()] += c_s.double().cpu()
-    stats = {"items_scored": scored.mean().item(), "items_bounded": float(n),
-             "items_passing_bound": passed.mean().item(), "dense_fallback": n_dense}
+    tau = head.tau
+    # 1. A lower bound of every query's true k-th canonical score from k real items.
+    cand = _dedupe(_averaged_lists(head, qp, cache, kprime, "mm", None, 1, excl))
+    s0, _ = rank(score_candidates(head, qp, cache, cand), cand, k)
+    lower = s0[:, -1].double()
+    k2 = min(n, k + (extra if extra is not None else max(16, k // 2)))
+    out_s = torch.empty(nq, k, dtype=torch.float32, device=dev)
+    out_i = torch.empty(nq, k, dtype=torch.long, device=dev)
+    passed = torch.zeros(nq, dtype=torch.float64, device=dev)
+    w = _gate_weights(head, torch.float32)
+    pending = torch.arange(nq, device=dev)
+    rounds = 0
+    while pending.numel():
+        rounds += 1
+        sub, ex, lb = qp.take(pending), _take(excl, pending), lower[pending]
+        r = sub.n
+        qc = sub.components.float().flatten(0, 1)  # [r * P_Q, d]
+        qg = sub.gate
+        block = max(64, _BLOCK_ROWS // max(1, r))
+        best_s = torch.empty(r, 0, device=dev)
+        best_i = torch.empty(r, 0, dtype=torch.long, device=dev)
+        npass = torch.zeros(r, dtype=torch.float64, device=dev)
+        for a in range(0, n, block):
+            b = min(n, a + block)
+            # [r, bs, P_Q, P_X]: the same products exact's screen makes.
+            logits = (qc @ cache.components[a:b].float().flatten(0, 1).T)
+            logits = logits.view(r, head.p_q, b - a, head.p_x).permute(0, 2, 1, 3)
+            m = logits.amax(dim=(2, 3))
+            if ex is not None:
+                ex.mask_block(m, a, b)
+            low = lb
+            if best_s.shape[1] >= k:
+                low = torch.maximum(low, best_s[:, k - 1].double() - delta)
+            t = low * tau
+            thr = (t - range_margin - margin * t.abs()).float()
+            hit = m >= thr[:, None]
+            count = hit.sum(1)
+            npass += count.double()
+            total = int(count.sum())
+            if total == 0:
+                continue
+            if total > dense_fraction * hit.numel():
+                lg = logits.reshape(r, b - a, head.n_pairs) * (1.0 / tau)
+                ig = None if cache.gate is None else cache.gate[None, a:b]
+                phi = phi_from_logits(head, lg, None if qg is None else qg[:, None], ig, w)
+                phi = phi.masked_fill(~hit, float("-inf"))
+            else:
+                qi, ii = hit.nonzero(as_tuple=True)
+                lg = logits[qi, ii].reshape(-1, head.n_pairs) * (1.0 / tau)
+                ig = None if cache.gate is None else cache.gate[a + ii]
+                ph = phi_from_logits(head, lg, None if qg is None else qg[qi], ig, w)
+                phi = torch.full((r, b - a), float("-inf"), device=dev)
+                phi[qi, ii] = ph
+            v, i = phi.topk(min(k2, b - a), dim=1)
+            best_s = torch.cat([best_s, v], 1)
+            best_i = torch.cat([best_i, i + a], 1)
+            if best_s.shape[1] > k2:
+                best_s, o = best_s.topk(k2, dim=1)
+                best_i = best_i.gather(1, o)
+        ok, s_k, i_k = _certify(head, sub, cache, best_s, best_i, k, delta, k2 >= n)
+        out_s[pending[ok]] = s_k[ok]
+        out_i[pending[ok]] = i_k[ok]
+        passed[pending] = npass
+        lower[pending] = torch.maximum(lb, s_k[:, -1].double())
+        pending = pending[~ok]
+        k2 = min(n, 4 * k2)
+    stats = {"items_scored": (passed.mean().item() + kprime), "items_bounded": float(n),
+             "items_passing_bound": passed.mean().item(),
+             "passing_fraction": passed.mean().item() / n, "rounds": rounds}
     return out_s, out_i, stats
 
 
-def _bound_per_pair(head, qp, cache, k, *, kprime: int = 32, max_kprime: int = 128,
+def _bound_per_pair(head, qp, cache, k, excl=None, *, kprime: int = 32, max_kprime: int = 128,
                     margin: float = BOUND_MARGIN, range_margin: float = RANGE_MARGIN,
                     search: str = "mm"):
+    """The paper's form: per-pair lists, certified by U = max_p (list's last logit) / tau.
+    With exclusions a query's lists are fetched k' + (its excluded count) long, the excluded
+    ids dropped: an item in none of the fetched lists still has every pair logit at or below
+    that list's last logit, so U stays a bound."""
     from ..labels import MAX_TOPK
 
     kprime = _check_int(kprime, "kprime")
@@ -374,36 +539,51 @@ def _bound_per_pair(head, qp, cache, k, *, kprime: int = 32, max_kprime: int = 1
     kp = min(kprime, n)
     first = True
     while pending.numel():
-        sub = qp.take(pending)
-        ids, kth = _per_pair_lists(head, sub, cache, kp, search, None, 1)
-        cand = _dedupe(ids)
-        s_k, i_k = rank(score_candidates(head, sub, cache, cand), cand, k)
-        scored[pending.cpu()] += (cand >= 0).sum(1).double().cpu()
-        upper = (kth.double().max(1).values + list_slack) / head.tau
-        upper = upper + margin * upper.abs().clamp_min(1.0 / head.tau)
-        ok = (s_k[:, -1].double() > upper) | torch.tensor(kp >= n, device=dev)
-        out_s[pending[ok]] = s_k[ok]
-        out_i[pending[ok]] = i_k[ok]
+        cand_parts, s_parts, ok_parts = [], [], []
+        for rows_local, width in _fetch_groups(_take(excl, pending), pending.numel(), kp, n, dev):
+            rows = pending[rows_local]
+            sub, ex = qp.take(rows), _take(excl, rows)
+            ids, kth = _per_pair_search(head, sub, cache, width, search, None, 1)
+            cand = _dedupe((ids if ex is None else ex.drop(ids)).flatten(1))
+            s_k, i_k = rank(score_candidates(head, sub, cache, cand), cand, k)
+            scored[rows.cpu()] += (cand >= 0).sum(1).double().cpu()
+            upper = (kth.double().max(1).values + list_slack) / head.tau
+            upper = upper + margin * upper.abs().clamp_min(1.0 / head.tau)
+            ok = (s_k[:, -1].double() > upper) | torch.tensor(width >= n, device=dev)
+            out_s[rows[ok]] = s_k[ok]
+            out_i[rows[ok]] = i_k[ok]
+            cand_parts.append((rows_local[~ok], cand[~ok]))
+            s_parts.append((rows_local[~ok], s_k[~ok, -1:]))
+            ok_parts.append((rows_local, ok))
+        ok = torch.zeros(pending.numel(), dtype=torch.bool, device=dev)
+        for rows_local, o in ok_parts:
+            ok[rows_local] = o
         if first:
             stats["certified_first"] = int(ok.sum())
             first = False
         stats["kprime_used"].append(kp)
-        pending, sub_rest = pending[~ok], ~ok
-        if not pending.numel():
+        if bool(ok.all()):
             break
         if kp < max_kprime and kp < n:
+            pending = pending[~ok]
             kp = min(max_kprime, 4 * kp, n)
             continue
         # Range search: every item whose best pair logit reaches S * tau (S = the k-th
         # canonical score found so far, a lower bound of the true k-th) may belong.
-        sub = qp.take(pending)
-        thr = s_k[sub_rest, -1].double() * head.tau - range_margin
+        cand = _scatter_rows([p for p in cand_parts if p[0].numel()], pending.numel(), dev)
+        s_low = torch.full((pending.numel(),), float("-inf"), dtype=torch.float64, device=dev)
+        for rows_local, s in s_parts:
+            s_low[rows_local] = s[:, 0].double()
+        rest = (~ok).nonzero().flatten()
+        rows = pending[rest]
+        sub, ex = qp.take(rows), _take(excl, rows)
+        thr = s_low[rest] * head.tau - range_margin
         hits = _range_hits(head, sub, cache, thr)
-        cand2 = torch.cat([cand[sub_rest], hits], 1)
+        cand2 = torch.cat([cand[rest], hits if ex is None else ex.drop(hits)], 1)
         s2, i2, count = _rescore_rank(head, sub, cache, cand2, k)
-        out_s[pending], out_i[pending] = s2, i2
-        scored[pending.cpu()] = count.double().cpu()
-        stats["range_searched"] = int(pending.numel())
+        out_s[rows], out_i[rows] = s2, i2
+        scored[rows.cpu()] = count.double().cpu()
+        stats["range_searched"] = int(rows.numel())
         break
     stats["items_scored"] = scored.mean().item()
     return out_s, out_i, stats
@@ -523,7 +703,8 @@ def topk(model, queries, k: int, method: str = "exact", *, items=None, exclude=N
     ``topk_target() -> (head, cache, item_ids or None)`` (a trained recommender; returned ids
     and ``exclude`` are then in its external id space). ``queries``: query representations
     [nq, d_query] (or :class:`QueryParts`). ``exclude``: per-query lists of item ids (or CSR
-    ``(indptr, indices)``) never returned; the method over-fetches and masks.
+    ``(indptr, indices)``) never returned: each method masks a query's own excluded items
+    inside its pass (exact and bound return the exact top-k of the remaining items).
 
     ``method`` and its ``params``: ``exact`` (``backend``, ``screen_margin``),
     ``per_embedding`` (``kprime``, ``search="exact"|"ivf"``, ``nlist``, ``nprobe``),
@@ -541,8 +722,8 @@ def topk(model, queries, k: int, method: str = "exact", *, items=None, exclude=N
     qp = _query_parts(head, queries)
     if qp.components.device != cache.device:
         raise InputError(f"queries: on {qp.components.device} but the items are on {cache.device}")
-    excl = _exclusions(exclude, qp.n, item_ids, cache.n)
-    k_fetch = k if excl is None else min(cache.n, k + max(int(r.numel()) for r in excl))
+    rows = _exclusions(exclude, qp.n, item_ids, cache.n)
+    excl = None if rows is None else _Exclusion.from_rows(rows, cache.n, cache.device)
     t0 = time.perf_counter()
     given = set(params)
     search = params.pop("search", "exact")
@@ -553,7 +734,8 @@ def topk(model, queries, k: int, method: str = "exact", *, items=None, exclude=N
     if nlist is not None:
         nlist = _check_int(nlist, "nlist")
     allowed = {"exact": {"backend", "extra", "screen_margin"},
-               "bound": {"lists", "dense_fraction", "kprime", "max_kprime", "margin", "range_margin"}}.get(method)
+               "bound": {"lists", "dense_fraction", "kprime", "max_kprime", "margin", "range_margin",
+                         "extra"}}.get(method)
     if allowed is not None:
         unknown = sorted(set(params) - allowed)
         if unknown:
@@ -562,9 +744,9 @@ def topk(model, queries, k: int, method: str = "exact", *, items=None, exclude=N
         params["search"] = search if "search" in given else "mm"
     with torch.no_grad():
         if method == "exact":
-            s, i, stats = _exact(head, qp, cache, k_fetch, **params)
+            s, i, stats = _exact(head, qp, cache, k, excl, **params)
         elif method == "bound":
-            s, i, stats = _bound(head, qp, cache, k_fetch, **params)
+            s, i, stats = _bound(head, qp, cache, k, excl, **params)
         else:
             kprime = _check_int(params.pop("kprime", 32), "kprime")
             kprime_avg = _check_int(params.pop("kprime_avg", 256), "kprime_avg")
@@ -572,18 +754,10 @@ def topk(model, queries, k: int, method: str = "exact", *, items=None, exclude=N
                 raise InputError(f"{sorted(params)[0]}: not a parameter of method {method!r}")
             lists = []
             if method in ("per_embedding", "combined"):
-                lists.append(_per_pair_lists(head, qp, cache, kprime, search, nlist, nprobe)[0])
+                lists.append(_per_pair_lists(head, qp, cache, kprime, search, nlist, nprobe, excl))
             if method in ("averaged", "combined"):
-                lists.append(_averaged_lists(head, qp, cache, kprime_avg, search, nlist, nprobe))
-            s, i, stats = _approximate(head, qp, cache, k_fetch, lists)
-    if excl is not None:
-        masked = torch.zeros_like(i, dtype=torch.bool)
-        for r, ex in enumerate(excl):
-            if ex.numel():
-                masked[r] = torch.isin(i[r], ex.to(i.device))
-        s = s.masked_fill(masked, float("-inf"))
-        i = i.masked_fill(masked, -1)
-        s, i = rank(s, i, k)
+                lists.append(_averaged_lists(head, qp, cache, kprime_avg, search, nlist, nprobe, excl))
+            s, i, stats = _approximate(head, qp, cache, k, lists)
     stats["seconds"] = time.perf_counter() - t0
     stats["method"] = method
     if item_ids is not None:
