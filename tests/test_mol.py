@@ -211,6 +211,129 @@ def test_every_method_valid_sorted_and_honours_exclude(method):
         assert torch.equal(i2, rank(sc, ids.masked_fill(torch.isinf(sc), -1), 10)[1])
 
 
+def _oracle_fp64(h, qp, cache, exclude):
+    """Brute force in fp64, written out apart from the library: every (query, item) phi from
+    the cached components and gate terms; excluded items -inf."""
+    qc, ic = qp.components.double(), cache.components.double()
+    logits = torch.einsum("qid,njd->qnij", qc, ic).flatten(-2) / h.tau  # [nq, N, L]
+    g = h.pair_gate
+    hid = logits @ g[0].weight.double().T + g[0].bias.double()
+    pair = (hid * torch.sigmoid(hid)) @ g[2].weight.double().T + g[2].bias.double()
+    z = qp.gate.double()[:, None] * cache.gate.double()[None] + pair
+    z = z * torch.sigmoid(z)
+    pi = torch.softmax(z, dim=-1)
+    phi = (pi * logits).sum(-1)
+    for r, e in enumerate(exclude):
+        phi[r, list(e)] = float("-inf")
+    return phi
+
+
+def _check_against_oracle(s, i, phi, k, tol=1e-5):
+    """Tie-aware: the returned scores are the oracle's k best non-excluded scores, each
+    returned id is non-excluded and has that score; ids differ only where scores tie."""
+    for r in range(i.shape[0]):
+        best = phi[r].sort(descending=True).values[:k]
+        n_valid = int(torch.isfinite(best).sum())
+        assert int((i[r] >= 0).sum()) == n_valid
+        got = i[r][:n_valid]
+        assert torch.allclose(s[r][:n_valid].double(), best[:n_valid], rtol=0, atol=tol / 0.05)
+        assert torch.allclose(phi[r, got], best[:n_valid], rtol=0, atol=tol / 0.05)
+        if n_valid:  # every item strictly above the k-th score is returned
+            must = (phi[r] > best[n_valid - 1] + tol / 0.05).nonzero().flatten().tolist()
+            assert set(must) <= set(got.tolist())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exclusion_per_row_unequal_histories_exact_and_bound_match_fp64_oracle(seed):
+    h = _head(seed + 10, scale=3.0)
+    n = 260
+    cache = h.item_cache(_items(n=n, seed=seed, dup=30), dtype=torch.float32)
+    q = torch.randn(5, 12)
+    qp = h.query_parts(q)
+    _, top = am.topk(h, q, 40, "exact", items=cache, backend="torch")
+    g = torch.Generator().manual_seed(seed)
+    # Very unequal histories: none, one item, the row's whole top-40, 90% of all items, all
+    # but 4 items (fewer than k remain: padded).
+    exclude = [[], [int(top[1, 0])], top[2].tolist(),
+               torch.randperm(n, generator=g)[: int(0.9 * n)].tolist(),
+               torch.randperm(n, generator=g)[: n - 4].tolist()]
+    phi = _oracle_fp64(h, qp, cache, exclude)
+    ref_s, ref_i = am.topk(h, q, 10, "exact", items=cache, backend="torch", exclude=exclude)
+    _check_against_oracle(ref_s, ref_i, phi, 10)
+    assert int((ref_i[4] >= 0).sum()) == 4
+    runs = [dict(dense_fraction=0.0), dict(dense_fraction=1.0), dict(kprime=1, extra=1),
+            dict(lists="per_pair", kprime=2, max_kprime=8),
+            dict(lists="per_pair", kprime=2, max_kprime=8, search="exact")]
+    for params in runs:
+        s, i = am.topk(h, q, 10, "bound", items=cache, exclude=exclude, **params)
+        assert torch.equal(i, ref_i) and torch.equal(s, ref_s), params
+    # A row's result does not depend on the other rows of its batch (same query parts:
+    # the query projection itself may round differently in another batch shape).
+    for r in range(5):
+        s1, i1 = am.topk(h, qp.take([r]), 10, "bound", items=cache, exclude=[exclude[r]])
+        assert torch.equal(i1[0], ref_i[r]) and torch.equal(s1[0], ref_s[r])
+
+
+def test_bound_equals_exact_when_the_pass_must_widen():
+    # extra=0 keeps only k screened items per query, so certification often fails and the
+    # pass reruns wider; the result must still be exact, with ties (twins) present.
+    h = _head(21, scale=4.0)
+    x = _items(n=200, seed=8)
+    x[100:] = x[:100]
+    cache = h.item_cache(x)
+    q = torch.randn(6, 12)
+    s_e, i_e = am.topk(h, q, 9, "exact", items=cache, backend="torch", extra=0)
+    ref = _full_rank(h, h.query_parts(q), cache, 9)
+    assert torch.equal(i_e, ref[1]) and torch.equal(s_e, ref[0])
+    s_b, i_b, st = am.topk(h, q, 9, "bound", items=cache, kprime=1, extra=0, return_stats=True)
+    assert torch.equal(i_b, ref[1]) and torch.equal(s_b, ref[0])
+    assert 0 < st["items_passing_bound"] <= cache.n and st["rounds"] >= 1
+
+
+def test_bound_prunes_items_when_gates_are_peaked():
+    # A head whose gate is nearly one-hot on the largest logit makes phi ~ max logit, so the
+    # bound is tight and most items are never given the pair MLP.
+    h = _head(22)
+    with torch.no_grad():
+        h.pair_gate[0].weight.copy_(torch.eye(h.n_pairs, h.gate_hidden).T * 20.0)
+        h.pair_gate[0].bias.zero_()
+        h.pair_gate[2].weight.copy_(torch.eye(h.n_pairs, h.gate_hidden) * 20.0)
+        h.pair_gate[2].bias.zero_()
+        h.query_gate[2].weight.zero_()
+        h.item_gate[2].weight.zero_()
+    cache = h.item_cache(_items(n=400, seed=9))
+    q = torch.randn(4, 12)
+    s_e, i_e = am.topk(h, q, 5, "exact", items=cache, backend="torch")
+    s_b, i_b, st = am.topk(h, q, 5, "bound", items=cache, return_stats=True)
+    assert torch.equal(i_b, i_e) and torch.equal(s_b, s_e)
+    assert st["passing_fraction"] < 0.5
+
+
+def test_approximate_methods_fetch_per_row_for_exclusions():
+    h = _head(23, scale=2.0)
+    n = 300
+    cache = h.item_cache(_items(n=n, seed=11))
+    q = torch.randn(3, 12)
+    # Row 0 excludes the 100 best items of the averaged search, row 1 nothing, row 2 one.
+    from amips.mol.topk import _averaged_lists
+    qp = h.query_parts(q)
+    avg = _averaged_lists(h, qp, cache, 100, "mm", None, 1)
+    exclude = [avg[0].tolist(), [], [int(avg[2, 0])]]
+    for method, params in (("averaged", {"kprime_avg": 10}), ("per_embedding", {"kprime": 4}),
+                           ("combined", {"kprime": 4, "kprime_avg": 10})):
+        s, i = am.topk(h, qp, 10, method, items=cache, exclude=exclude, search="mm", **params)
+        _valid(s, i, n, exclude)
+        assert bool((i >= 0).all()), method  # over-fetched by each row's own count
+        for r in range(3):  # the same as the row alone: no batch-wide over-fetch
+            s1, i1 = am.topk(h, qp.take([r]), 10, method, items=cache, exclude=[exclude[r]],
+                             search="mm", **params)
+            assert torch.equal(i1[0], i[r]) and torch.equal(s1[0], s[r])
+    # With every item a candidate the approximate methods are exact, exclusions included.
+    ref = am.topk(h, q, 10, "exact", items=cache, backend="torch", exclude=exclude)[1]
+    full = am.topk(h, q, 10, "per_embedding", items=cache, exclude=exclude, kprime=n, search="mm")[1]
+    assert torch.equal(full, ref)
+
+
 def test_exclude_leaves_fewer_than_k_pads():
     h = _head()
     cache = h.item_cache(_items(n=20))

@@ -78,3 +78,15 @@ def test_launcher_rejects_inconsistent_inputs():
     bad[2] = bad[2].int()
     with pytest.raises(ValueError, match="items"):
         mk.mol_tile_max(*bad)
+
+
+def test_exact_through_kernel_excludes_per_row():
+    h, cache, qp, _ = _setup(seed=2, n=130, dtype=torch.float16)
+    _, top = am.topk(h, qp, 20, "exact", items=cache, backend="torch")
+    # Row 0 loses its whole top-20 (its best tiles), row 1 nothing, row 2 every other item.
+    exclude = [top[0].tolist(), [], list(range(0, 130, 2))]
+    s_k, i_k = am.topk(h, qp, 7, "exact", items=cache, backend="triton", exclude=exclude)
+    s_t, i_t = am.topk(h, qp, 7, "exact", items=cache, backend="torch", exclude=exclude)
+    assert torch.equal(i_k, i_t) and torch.equal(s_k, s_t)
+    for r, e in enumerate(exclude):
+        assert not set(i_k[r].tolist()) & set(e) and bool((i_k[r] >= 0).all())

@@ -475,7 +475,7 @@ def _bound_max_logit(head, qp, cache, k, excl=None, *, kprime, margin, range_mar
                 low = torch.maximum(low, best_s[:, k - 1].double() - delta)
             t = low * tau
             thr = (t - range_margin - margin * t.abs()).float()
-            hit = m >= thr[:, None]
+            hit = (m >= thr[:, None]) & (m > float("-inf"))  # excluded: m = -inf
             count = hit.sum(1)
             npass += count.double()
             total = int(count.sum())
