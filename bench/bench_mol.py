@@ -126,8 +126,8 @@ def providers(quick: bool, n_items: int, trained: bool = False):
                ("per_embedding", {"kprime": 256, "search": "mm"})]
         out += [("averaged", {"kprime_avg": kp, "search": "mm"}) for kp in (32, 64, 128, 256, 1024, 4096)]
         out += [("averaged", {"kprime_avg": kp, "search": "ivf", "nlist": nlist, "nprobe": npr})
-                for kp, npr in ((128, 8), (128, 16), (128, 32), (256, 16), (256, 32), (256, 64),
-                                (1024, 64))]
+                for kp, npr in ((128, 16), (128, 64), (256, 16), (256, 64), (256, 128), (256, 256),
+                                (1024, 128))]
         out += [("combined", {"kprime": 16, "kprime_avg": 128, "search": "mm"})]
         if quick:
             out = [p for p in out if p[1].get("kprime_avg", 0) <= 1024]

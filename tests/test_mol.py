@@ -423,3 +423,17 @@ def test_bad_input_names_the_argument():
     if torch.cuda.is_available():
         with pytest.raises(amips.InputError, match="queries"):
             am.topk(h, q.cuda(), 3, items=cache)
+
+
+@pytest.mark.parametrize("n,k,chunk", [(1000, 10, 16), (1037, 7, 16), (5000, 40, 32), (300, 200, 16)])
+def test_blocked_ip_topk_equals_full_topk(n, k, chunk):
+    from amips.mol.topk import _blocked_ip_topk
+
+    g = torch.Generator().manual_seed(n)
+    q, keys = torch.randn(5, 8, generator=g), torch.randn(n, 8, generator=g)
+    keys[n // 2 : n // 2 + 20] = keys[:20]  # ties across chunks
+    v, i = _blocked_ip_topk(q, keys, k, chunk=chunk)
+    full = q @ keys.T
+    assert torch.equal(v, full.topk(k, dim=1).values)
+    assert torch.equal(full.gather(1, i), v) and bool((i < n).all())
+    assert all(len(set(r)) == k for r in i.tolist())

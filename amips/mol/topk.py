@@ -210,21 +210,51 @@ def _scatter_rows(parts, nq: int, device) -> torch.Tensor:
     return out
 
 
-def _blocked_ip_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, block: int = 1 << 16):
-    """Top-k by inner product, blocked fp32 products (for k above amips.exact_topk's cap)."""
-    nq = queries.shape[0]
-    k = min(k, keys.shape[0])
-    best_s = queries.new_full((nq, 0), float("-inf"))
-    best_i = torch.empty(nq, 0, dtype=torch.long, device=queries.device)
-    for a in range(0, keys.shape[0], block):
-        s = queries @ keys[a : a + block].float().T
-        v, i = s.topk(min(k, s.shape[1]), dim=1)
-        best_s = torch.cat([best_s, v], 1)
-        best_i = torch.cat([best_i, i + a], 1)
-        if best_s.shape[1] > k:
-            best_s, o = best_s.topk(k, dim=1)
-            best_i = best_i.gather(1, o)
-    return best_s, best_i
+def _blocked_ip_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = 256):
+    """Top-k by inner product from fp32 products (any k; amips.exact_topk caps k).
+
+    A full top-k over N columns is the slow part on CPU, so it is cut down first: the
+    k-th largest maximum T over chunks of ``chunk`` keys is a lower bound of the k-th
+    score (k distinct chunks each hold a key scoring >= T), so only keys scoring >= T are
+    ranked. Rows are processed in groups so that the score matrix stays <= 2^24 floats."""
+    nq, n = queries.shape[0], keys.shape[0]
+    k = min(k, n)
+    out_s = queries.new_empty(nq, k)
+    out_i = torch.empty(nq, k, dtype=torch.long, device=queries.device)
+    rows = max(1, (1 << 24) // max(1, n))
+    n_full = (n // chunk) * chunk
+    for a in range(0, nq, rows):
+        s = queries[a : a + rows] @ keys.T  # [r, N]
+        r = s.shape[0]
+        if 2 * k * chunk > n:  # the chunks at or above T would cover most keys
+            v, i = s.topk(k, dim=1)
+        else:
+            cm = s[:, :n_full].view(r, -1, chunk).amax(-1)
+            if n_full < n:
+                cm = torch.cat([cm, s[:, n_full:].amax(-1, keepdim=True)], 1)
+            t = cm.topk(k, dim=1).values[:, -1:]
+            # Only chunks whose maximum reaches T can hold a key >= T: rank those (about
+            # k chunks per row instead of N / chunk).
+            n_chunks = cm.shape[1]
+            hit = cm >= t
+            qi, ci = hit.nonzero(as_tuple=True)  # row-major: each row's chunks contiguous
+            counts = torch.bincount(qi, minlength=r)
+            width = int(counts.max())
+            starts = torch.cumsum(counts, 0) - counts
+            pos = torch.arange(qi.numel(), device=s.device) - starts[qi]
+            padded = s if n_full == n else torch.nn.functional.pad(s, (0, n_chunks * chunk - n),
+                                                                   value=float("-inf"))
+            blocks = padded.view(r, n_chunks, chunk)[qi, ci]  # [hits, chunk]
+            cand_s = s.new_full((r, width, chunk), float("-inf"))
+            cand_s[qi, pos] = blocks
+            cand_c = torch.zeros(r, width, dtype=torch.long, device=s.device)
+            cand_c[qi, pos] = ci
+            cand_s = cand_s.view(r, -1)
+            cand_i = (cand_c[:, :, None] * chunk + torch.arange(chunk, device=s.device)).view(r, -1)
+            v, o = cand_s.topk(k, dim=1)
+            i = cand_i.gather(1, o)
+        out_s[a : a + r], out_i[a : a + r] = v, i
+    return out_s, out_i
 
 
 def _ip_search(cache: ItemCache, key: tuple, keys_fn, queries: torch.Tensor, kprime: int,
