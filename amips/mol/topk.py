@@ -452,6 +452,12 @@ def _bound(head, qp, cache, k, excl=None, *, lists: str = "max_logit", kprime: i
                            margin=margin, range_margin=range_margin, search=search)
 
 
+def _max_pairs(flat: torch.Tensor, r: int, p_q: int, p_x: int) -> torch.Tensor:
+    """[r * P_Q, m * P_X] pair logits -> [r, m] largest per item (the max over query
+    components first runs on contiguous rows, ~6x faster than one max over dims (1, 3))."""
+    return flat.view(r, p_q, -1).amax(1).view(r, -1, p_x).amax(-1)
+
+
 @torch.no_grad()
 def _bound_max_logit(head, qp, cache, k, excl=None, *, kprime, margin, range_margin,
                      dense_fraction: float = 0.7, extra: int | None = None,
@@ -492,12 +498,17 @@ def _bound_max_logit(head, qp, cache, k, excl=None, *, kprime, margin, range_mar
         best_s = torch.empty(r, 0, device=dev)
         best_i = torch.empty(r, 0, dtype=torch.long, device=dev)
         npass = torch.zeros(r, dtype=torch.float64, device=dev)
+
+        def pair_cols(bs):  # offsets of the L pair logits of one (query, item) in flat
+            i = torch.arange(head.p_q, device=dev)[:, None] * (bs * head.p_x)
+            return (i + torch.arange(head.p_x, device=dev)[None]).flatten()
+
         for a in range(0, n, block):
             b = min(n, a + block)
             # [r, bs, P_Q, P_X]: the same products exact's screen makes.
-            logits = (qc @ cache.components[a:b].float().flatten(0, 1).T)
-            logits = logits.view(r, head.p_q, b - a, head.p_x).permute(0, 2, 1, 3)
-            m = logits.amax(dim=(2, 3))
+            flat = qc @ cache.components[a:b].float().flatten(0, 1).T  # [r * P_Q, bs * P_X]
+            m = _max_pairs(flat, r, head.p_q, head.p_x)
+            logits = flat.view(r, head.p_q, b - a, head.p_x).permute(0, 2, 1, 3)
             if ex is not None:
                 ex.mask_block(m, a, b)
             low = lb
@@ -518,7 +529,9 @@ def _bound_max_logit(head, qp, cache, k, excl=None, *, kprime, margin, range_mar
                 phi = phi.masked_fill(~hit, float("-inf"))
             else:
                 qi, ii = hit.nonzero(as_tuple=True)
-                lg = logits[qi, ii].reshape(-1, head.n_pairs) * (1.0 / tau)
+                # flat[q * P_Q + i, x * P_X + j] for every passing (q, x): one take.
+                off = qi * (head.p_q * (b - a) * head.p_x) + ii * head.p_x
+                lg = flat.view(-1)[off[:, None] + pair_cols(b - a)[None]] * (1.0 / tau)
                 ig = None if cache.gate is None else cache.gate[a + ii]
                 ph = phi_from_logits(head, lg, None if qg is None else qg[qi], ig, w)
                 phi = torch.full((r, b - a), float("-inf"), device=dev)
@@ -630,7 +643,7 @@ def _range_hits(head, qp, cache, thr: torch.Tensor) -> torch.Tensor:
     for a in range(0, n, block):
         b = min(n, a + block)
         logits = (qc @ cache.components[a:b].float().flatten(0, 1).T)
-        best = logits.view(nq, head.p_q, b - a, head.p_x).amax(dim=(1, 3))
+        best = _max_pairs(logits, nq, head.p_q, head.p_x)
         rows, cols = (best >= thr).nonzero(as_tuple=True)
         for r in rows.unique().tolist():
             per_query[r].append(cols[rows == r] + a)
