@@ -233,10 +233,21 @@ def main(argv=None):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(8, 5))
+        groups: dict[str, list] = {}
         for name, best, _, recall, _, _, _, _ in table:
-            ax.scatter(best * 1000 / queries.shape[0], recall)
-            ax.annotate(name, (best * 1000 / queries.shape[0], recall), fontsize=6)
+            r = results[name]
+            key = r["method"] + (f" ({r['params']['search']})" if "search" in r["params"] else "")
+            short = ",".join(f"{k}={v}" for k, v in r["params"].items()
+                             if k in ("kprime", "kprime_avg", "nprobe"))
+            groups.setdefault(key, []).append((best * 1000 / queries.shape[0], recall, short))
+        for key, pts in groups.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+            for x, y, short in pts:
+                if short:
+                    ax.annotate(short, (x, y), fontsize=5, xytext=(3, -6), textcoords="offset points")
+        ax.legend(fontsize=7, loc="lower left")
         ax.set_xscale("log")
         ax.set_xlabel(f"ms per query (batch of {queries.shape[0]}, CPU, best of {args.repeats})")
         ax.set_ylabel(f"recall@{args.k} of exact")

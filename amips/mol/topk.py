@@ -20,12 +20,20 @@ Methods
 ``averaged``   one inner-product search: query components summed, item components
                averaged, top-``kprime_avg`` (``search`` as above).
 ``combined``   the union of the two.
-``bound``      exact, via pi-convexity: phi <= max over pairs of the pair logit / tau, so
-               an item in none of the per-pair top-k' lists scores at most
-               U = max_p (k'-th logit of pair p) / tau. Certified when the k-th canonical
-               score S of the union exceeds U + margin; otherwise k' widens (x4, up to
-               ``max_kprime``) and then a range search re-scores every item with some pair
-               logit >= S * tau - range_margin.
+``bound``      exact, via pi-convexity: phi <= m / tau with m the largest pair logit.
+               ``lists="max_logit"`` (default): one blocked pass; per block the pair
+               logits are one product, m comes from them, and only the (query, item)
+               pairs with m >= LB * tau - slack get the pair MLP (LB: a lower bound of the
+               k-th canonical score, from ``averaged`` candidates, raised during the pass);
+               survivors certified as in ``exact``. ``lists="per_pair"``: the paper's
+               per-pair top-k' lists, certified when the union's k-th canonical score
+               exceeds U = max_p (k'-th logit of pair p) / tau + margin, else k' widens
+               (x4, up to ``max_kprime``) and then a range search.
+
+Exclusion (``exclude``) is per query, inside each method: ``exact`` and ``bound`` mask a
+query's excluded items to -inf in their screen and bound; the candidate methods fetch
+``kprime + (the query's excluded count)`` per list and keep the first ``kprime``
+non-excluded ids.
 """
 
 from __future__ import annotations
