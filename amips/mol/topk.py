@@ -198,14 +198,24 @@ def _fetch_groups(excl: _Exclusion | None, nq: int, kprime: int, n: int, device)
     return [(all_rows[width == w], int(w)) for w in torch.unique(width).tolist()]
 
 
+def _compact(ids: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """Move each row's (last dim's) valid ids (>= 0) to its front, order kept, and cut the
+    last dim to ``width`` (default: the largest valid count), so padding costs nothing."""
+    valid = ids >= 0
+    if width is None:
+        width = max(1, int(valid.sum(-1).max())) if ids.numel() else 1
+    order = (~valid).to(torch.int8).argsort(dim=-1, stable=True)[..., :width]
+    return ids.gather(-1, order)
+
+
 def _keep_first(ids: torch.Tensor, excl: _Exclusion | None, kprime: int) -> torch.Tensor:
     """ids [r, G, w] (each list sorted best first): excluded ids dropped, then the first
-    ``kprime`` remaining ids of every list kept (the top-kprime of the non-excluded)."""
-    if excl is not None:
-        ids = excl.drop(ids)
-    valid = ids >= 0
-    keep = valid & (valid.cumsum(-1) <= kprime)
-    return ids.masked_fill(~keep, -1)
+    ``kprime`` remaining ids of every list kept (the top-kprime of the non-excluded),
+    compacted to [r, G, <= kprime]."""
+    if excl is None:
+        return ids[..., :kprime]
+    ids = excl.drop(ids)
+    return _compact(ids, min(kprime, ids.shape[-1]))
 
 
 def _scatter_rows(parts, nq: int, device) -> torch.Tensor:
@@ -439,7 +449,7 @@ def _exact_tiles(head, qp, cache, k, excl=None):
 
 
 def _approximate(head, qp, cache, k, lists):
-    cand = _dedupe(torch.cat(lists, 1))
+    cand = _compact(_dedupe(torch.cat(lists, 1)))
     s, i, canonical = _screen_rank(head, qp, cache, cand, k, SCREEN_MARGIN / head.tau)
     return s, i, {"items_scored": (cand >= 0).sum(1).double().mean().item(),
                   "canonical": canonical.double().mean().item()}
