@@ -325,14 +325,37 @@ def _per_pair_search(head, qp: QueryParts, cache: ItemCache, width: int, search:
     return ids, kth
 
 
+def _lists_per_row(search_fn, nq: int, kprime: int, n: int, excl: _Exclusion | None, device):
+    """Each row's top-``kprime`` non-excluded ids of every list: ``search_fn(rows, width)``
+    gives ids [r, G, width] (best first, -1 = none). All rows search ``kprime`` deep; a row
+    whose exclusions leave some list short is searched again 4x deeper, alone with the
+    other short rows, until its lists are full or exhausted. Returns [nq, G, kprime]."""
+    parts = []
+    pending = torch.arange(nq, device=device)
+    width = min(n, kprime)
+    while pending.numel():
+        ids = search_fn(pending, width)
+        ex = _take(excl, pending)
+        kept = _keep_first(ids, ex, kprime)
+        if ex is None or width >= n:
+            parts.append((pending, kept))
+            break
+        full = (kept >= 0).sum(-1) >= kprime
+        exhausted = (ids >= 0).sum(-1) < width  # the search had no more to give
+        done = (full | exhausted).all(-1)
+        parts.append((pending[done], kept[done]))
+        pending = pending[~done]
+        width = min(n, 4 * width)
+    return _scatter_rows([p for p in parts if p[0].numel()] or parts[:1], nq, device)
+
+
 def _per_pair_lists(head, qp: QueryParts, cache: ItemCache, kprime: int, search: str,
                     nlist, nprobe, excl: _Exclusion | None = None):
     """Per-pair top-``kprime`` non-excluded item ids [nq, L * kprime] (-1 padded)."""
-    parts = []
-    for rows, width in _fetch_groups(excl, qp.n, kprime, cache.n, cache.device):
-        ids, _ = _per_pair_search(head, qp.take(rows), cache, width, search, nlist, nprobe)
-        parts.append((rows, _keep_first(ids, _take(excl, rows), kprime)))
-    return _scatter_rows(parts, qp.n, cache.device).flatten(1)
+    def search_fn(rows, width):
+        return _per_pair_search(head, qp.take(rows), cache, width, search, nlist, nprobe)[0]
+
+    return _lists_per_row(search_fn, qp.n, kprime, cache.n, excl, cache.device).flatten(1)
 
 
 def _averaged_lists(head, qp: QueryParts, cache: ItemCache, kprime: int, search: str,
@@ -346,11 +369,10 @@ def _averaged_lists(head, qp: QueryParts, cache: ItemCache, kprime: int, search:
             avg = cache.extras["averaged"] = cache.components.float().mean(1).contiguous()
         return avg
 
-    parts = []
-    for rows, width in _fetch_groups(excl, qp.n, kprime, cache.n, cache.device):
-        _, ids = _ip_search(cache, ("avg",), keys_fn, q[rows], width, search, nlist, nprobe)
-        parts.append((rows, _keep_first(ids[:, None], _take(excl, rows), kprime)))
-    return _scatter_rows(parts, qp.n, cache.device).flatten(1)
+    def search_fn(rows, width):
+        return _ip_search(cache, ("avg",), keys_fn, q[rows], width, search, nlist, nprobe)[1][:, None]
+
+    return _lists_per_row(search_fn, qp.n, kprime, cache.n, excl, cache.device).flatten(1)
 
 
 # --- the methods (internal ids; exclusion handled per row inside each) ----------------------
