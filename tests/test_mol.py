@@ -404,6 +404,10 @@ def test_bad_input_names_the_argument():
         am.topk(h, q, 3, "nope", items=cache)
     with pytest.raises(amips.InputError, match="exclude"):
         am.topk(h, q, 3, items=cache, exclude=[[1]])
+    with pytest.raises(amips.InputError, match="dense_fraction"):
+        am.topk(h, q, 3, "bound", items=cache, dense_fraction=1.5)
+    with pytest.raises(amips.InputError, match="extra"):
+        am.topk(h, q, 3, "averaged", items=cache, extra=3)
     with pytest.raises(amips.InputError, match="items"):
         am.topk(h, q, 3)
     with pytest.raises(amips.InputError, match="kprime"):
