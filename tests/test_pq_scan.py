@@ -181,6 +181,8 @@ def _index(seed=0, n=240, d=12, n_lists=4):
 @pytest.fixture
 def torch_backend(monkeypatch):
     monkeypatch.setenv("AMIPS_BACKEND", "torch")
+    # the torch path itself (the CPU default engine, faiss, is tested in test_cpu_pq_engine.py)
+    monkeypatch.setenv("AMIPS_CPU_ENGINE", "torch")
 
 
 @pytest.mark.parametrize("by_residual", [True, False])
