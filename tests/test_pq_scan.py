@@ -259,6 +259,8 @@ def test_scanner_bad_input(torch_backend):
         PQScanner.train(keys, offsets[:-1], cents, subspaces=6)
     with pytest.raises(InputError, match="centroids"):
         PQScanner.train(keys, offsets, cents[:2], subspaces=6)
+    with pytest.raises(InputError, match=r"anisotropic_threshold.*\[0, 1\)"):
+        PQScanner.train(keys, offsets, cents, subspaces=6, anisotropic_threshold=1.0)
     sc = PQScanner.train(keys, offsets, cents, subspaces=6, iters=2)
     probes = torch.tensor([[0], [1], [2]])
     with pytest.raises(InputError, match="keys_by_list"):
