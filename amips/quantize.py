@@ -15,8 +15,18 @@ inner-product error is proportional to ``eta * ||r_par||^2 + ||r_perp||^2`` with
 
     loss(x, x~) = ||r||^2 + (eta - 1) <r, u>^2
 
-Rows with ``||x|| <= T`` (no unit query reaches the threshold) get ``eta = 1``, the plain
-reconstruction loss, and ``eta`` is capped at ``ETA_MAX``.
+How a threshold is applied to data (:func:`anisotropic_eta`): ``T`` is relative to each
+key's norm, a cosine, i.e. the threshold on ``<q, x>`` is ``T * ||x||`` for unit queries, so
+every key gets ``eta = (d - 1) T^2 / (1 - T^2)`` (``T`` in ``[0, 1)``). On unit-norm keys this
+is ScaNN's absolute ``T`` exactly; on keys of natural norms an absolute ``T`` is not
+scale-invariant (scaling the keys by 5, which changes no ranking, divides eta by 25) and it
+ranks badly: on word-vector-like keys of norm ~5 (``bench/_wordlike.py``) an absolute
+``T = 0.2`` gives ``eta`` 0.006-3.7 (median 0.16 < 1: the parallel error of the long keys,
+the ones that win MIPS, becomes nearly free) and match@1 fell from .33 (plain PQ) to .02;
+``T`` relative to a global norm (mean, max) makes eta blow up for keys just above the
+threshold, and those few keys then dominate the shared codebooks (.18 and .25); relative to
+each key's norm it gains over plain PQ (.43), as on unit-norm data (bench/RESULTS.md). The
+per-key ``eta`` cap ``ETA_MAX`` only matters for ``T`` close to 1.
 
 What is here
 - :func:`eta_limit`, :func:`eta_exact`, :func:`anisotropic_eta` (per row).
@@ -111,15 +121,20 @@ def eta_exact(threshold: float, norm: float, dim: int) -> float:
 
 
 def anisotropic_eta(originals: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Per-row eta (large-d limit) of ``originals`` [n, d]; rows with ||x|| <= T get 1."""
+    """Per-row eta (large-d limit) of ``originals`` [n, d] for a threshold relative to each
+    row's norm: ``eta_limit(T * ||x||, ||x||, d) = (d - 1) T^2 / (1 - T^2)``, the same for every
+    row with ``||x|| > 0`` (zero rows get 1: no direction to weight). ``T`` in ``[0, 1)``."""
     threshold = float(threshold)
-    if not math.isfinite(threshold) or threshold < 0:
-        raise InputError(f"anisotropic_threshold: must be a finite number >= 0, got {threshold}")
+    if not math.isfinite(threshold) or threshold < 0 or threshold >= 1:
+        raise InputError(
+            f"anisotropic_threshold: must be a finite number in [0, 1) (a cosine, relative to "
+            f"each key's norm), got {threshold}")
     d = originals.shape[1]
-    sq = (originals.double() ** 2).sum(1)
     t2 = threshold * threshold
-    eta = torch.where(sq > t2, (d - 1) * t2 / (sq - t2).clamp_min(1e-300), torch.ones_like(sq))
-    return eta.clamp(max=ETA_MAX).to(originals.dtype)
+    eta = min((d - 1) * t2 / (1.0 - t2), ETA_MAX)
+    sq = (originals.double() ** 2).sum(1)
+    out = torch.where(sq > 0, torch.full_like(sq, eta), torch.ones_like(sq))
+    return out.to(originals.dtype)
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import math
 import sys
 import time
@@ -336,76 +337,128 @@ def part_gpu():
 
 # ------------------------------------------------------------------------ main
 def part_ivf_default(name, keys, queries, gt_score, *, n_lists, subspaces, nprobes, reorders,
-                     repeats=3, torch_queries=300):
+                     thresholds=(0.2,), repeats=3, torch_queries=200, pq_iters=10, train_threads=1):
     """The CPU default of ``IVFIndex.search(scanner="pq")`` (faiss fast-scan over amips'
-    score-aware codes) next to faiss IVFPQFastScan on the same lists and code size, and the
-    torch path on a query subset; one thread, interleaved, best of ``repeats``."""
+    codes) next to faiss ``IndexIVFPQFastScan`` (+ ``IndexRefineFlat`` for R > 0) on the same
+    lists, code size and nprobe: with amips' codes (the engine's own faiss index, searched by
+    faiss itself: the cost of amips' routing and wrapping) and with faiss' own PQ (trained by
+    faiss on the keys). One thread, providers interleaved, best of ``repeats``; the torch path
+    on ``torch_queries`` queries (its match@1 on those). Per threshold T (None = plain PQ)."""
     import os
 
     import faiss
 
     from amips.index import IVFIndex
+    from amips.index.cpu_engines import pq_engine
     from amips.index.faiss_backend import to_faiss
 
+    PART["name"] = "ivf"
+    k_out = 10
     faiss.omp_set_num_threads(1)
     judge = Judge(keys, queries, gt_score)
-    t = time.time()
-    index = IVFIndex.build(keys, n_lists, iters=10, seed=0, pq_subspaces=subspaces,
-                           anisotropic_threshold=0.2)
-    build = time.time() - t
-    fidx = to_faiss(index, kind="pqfs", pq_subspaces=subspaces)
-    sizes = index.list_sizes
-    print(f"[{name}] ivf: {n_lists} lists ({int(sizes.min())}..{int(sizes.max())}), PQ{subspaces}x4 "
-          f"score-aware, built in {build:.0f} s", flush=True)
     q = queries.float().contiguous()
     qn = q.numpy()
     bits = subspaces * 4
-    for nprobe in nprobes:
-        for r in reorders:
-            k_out = 10
-            def amips_default(nprobe=nprobe, r=r, k_out=k_out):
-                os.environ["AMIPS_CPU_ENGINE"] = "auto"
-                return index.search(q, k_out, nprobe, scanner="pq", reorder=r)[1]
+    t = time.time()
+    base = IVFIndex.build(keys, n_lists, iters=10, seed=0)
+    t_lists = time.time() - t
+    t = time.time()
+    fidx = to_faiss(base, kind="pqfs", pq_subspaces=subspaces)  # faiss' own PQ on amips' lists
+    t_faiss = time.time() - t
+    fidx_ref = faiss.IndexRefineFlat(fidx, faiss.swig_ptr(np.ascontiguousarray(keys.numpy())))
+    sizes = base.list_sizes
+    print(f"[{name}] ivf: {n_lists} lists ({int(sizes.min())}..{int(sizes.max())}) in {t_lists:.0f} s; "
+          f"faiss PQ{subspaces}x4fs trained in {t_faiss:.0f} s", flush=True)
 
-            def amips_torch(nprobe=nprobe, r=r, k_out=k_out):
-                os.environ["AMIPS_CPU_ENGINE"] = "torch"
-                try:
-                    return index.search(q[:torch_queries], k_out, nprobe, scanner="pq", reorder=r)[1]
-                finally:
+    def m_at_1(ids, nq):
+        top = ids[:, 0]
+        exact = (judge.keys[top.clamp_min(0)] * judge.queries[:nq]).sum(1)
+        return float(((exact >= judge.cut[:nq]) & (top >= 0)).float().mean())
+
+    for thr in thresholds:
+        t = time.time()
+        index = IVFIndex(base.centroids, base.keys_by_list, base.list_offsets, base.ids, metric=base.metric)
+        torch.set_num_threads(train_threads)  # training may use the cores; every timing is 1 thread
+        index.train_pq(subspaces=subspaces, anisotropic_threshold=thr, iters=pq_iters, seed=0)
+        torch.set_num_threads(1)
+        build = time.time() - t
+        tlabel = "" if thr is None else thr
+        record("amips-pq-build", name, bits, subspaces, tlabel, 0, "build_s", build, n_lists=n_lists)
+        os.environ["AMIPS_CPU_ENGINE"] = "auto"
+        eng = pq_engine(index.pq)  # built once, outside the timings (as a loaded index keeps it)
+        same = eng.index  # faiss' IVFPQFastScan holding amips' codes; labels = rows of keys_by_list
+        same.quantizer = eng._quantizer
+        # exact re-scoring wrappers built once (IndexRefineFlat copies the keys it is given)
+        same_ref = faiss.IndexRefineFlat(same, faiss.swig_ptr(
+            np.ascontiguousarray(index.keys_by_list.float().numpy())))
+        print(f"[{name}] T={thr}: amips PQ trained in {build:.0f} s", flush=True)
+        for nprobe in nprobes:
+            for r in reorders:
+                def amips_default(index=index, nprobe=nprobe, r=r):
                     os.environ["AMIPS_CPU_ENGINE"] = "auto"
+                    return index.search(q, k_out, nprobe, scanner="pq", reorder=r)[1]
 
-            base = fidx
-            if r:
-                base = faiss.IndexRefineFlat(fidx, np.ascontiguousarray(index.keys().numpy()))
-                base.k_factor = r / k_out
-            def faiss_fs(nprobe=nprobe, base=base, k_out=k_out):
-                fidx.nprobe = nprobe
-                return torch.from_numpy(base.search(qn, k_out)[1])
+                def amips_torch(index=index, nprobe=nprobe, r=r):
+                    os.environ["AMIPS_CPU_ENGINE"] = "torch"
+                    try:
+                        return index.search(q[:torch_queries], k_out, nprobe, scanner="pq", reorder=r)[1]
+                    finally:
+                        os.environ["AMIPS_CPU_ENGINE"] = "auto"
 
-            best = {"amips-cpu-default": math.inf, "faiss-ivfpq-fastscan": math.inf, "amips-torch": math.inf}
-            res = {}
-            for _ in range(repeats):  # interleaved
-                for prov, fn in (("amips-cpu-default", amips_default), ("faiss-ivfpq-fastscan", faiss_fs),
-                                 ("amips-torch", amips_torch)):
-                    t = time.perf_counter()
-                    res[prov] = fn()
-                    best[prov] = min(best[prov], time.perf_counter() - t)
-            line = []
-            for prov, secs in best.items():
-                nq = torch_queries if prov == "amips-torch" else q.shape[0]
-                top = res[prov][:, 0]
-                exact = (judge.keys[top.clamp_min(0)] * judge.queries[:nq]).sum(1)
-                m1 = float(((exact >= judge.cut[:nq]) & (top >= 0)).float().mean())
-                record(prov, name, bits, subspaces, 0.2 if prov != "faiss-ivfpq-fastscan" else "", r,
-                       "qps", nq / secs, nprobe=nprobe, n_lists=n_lists, n_queries=nq)
-                record(prov, name, bits, subspaces, 0.2 if prov != "faiss-ivfpq-fastscan" else "", r,
-                       "match_at_1", m1, nprobe=nprobe, n_lists=n_lists, n_queries=nq)
-                line.append(f"{prov} {nq / secs:8.0f} q/s m@1 {m1:.3f}")
-            ratio = best["faiss-ivfpq-fastscan"] / best["amips-cpu-default"] * 1.0
-            record("amips-cpu-default", name, bits, subspaces, 0.2, r, "qps_ratio_vs_faiss", ratio,
-                   nprobe=nprobe, n_lists=n_lists)
-            print(f"[{name}] nprobe {nprobe:3d} R {r:3d}: " + " | ".join(line) + f" | default/faiss {ratio:.2f}x",
-                  flush=True)
+                def faiss_search(ix, ref, ids_map, nprobe=nprobe, r=r, k_out=k_out):
+                    ix.nprobe = nprobe
+                    if r:
+                        ref.k_factor = r / k_out
+                        out = ref.search(qn, k_out)[1]
+                    else:
+                        out = ix.search(qn, k_out)[1]
+                    out = torch.from_numpy(out)
+                    return out if ids_map is None else torch.where(out >= 0, ids_map[out.clamp_min(0)], out)
+
+                provs = {
+                    "amips-cpu-default": amips_default,
+                    "faiss-fastscan-amips-codes": functools.partial(faiss_search, same, same_ref, index.ids),
+                    "faiss-ivfpq-fastscan": functools.partial(faiss_search, fidx, fidx_ref, None),
+                    "amips-torch": amips_torch,
+                }
+                best = dict.fromkeys(provs, math.inf)
+                res = {}
+                for _ in range(repeats):  # interleaved
+                    for prov, fn in provs.items():
+                        t = time.perf_counter()
+                        res[prov] = fn()
+                        best[prov] = min(best[prov], time.perf_counter() - t)
+                line = []
+                for prov, secs in best.items():
+                    nq = torch_queries if prov == "amips-torch" else q.shape[0]
+                    m1 = m_at_1(res[prov], nq)
+                    pt = "" if prov == "faiss-ivfpq-fastscan" else tlabel
+                    record(prov, name, bits, subspaces, pt, r, "qps", nq / secs,
+                           nprobe=nprobe, n_lists=n_lists, n_queries=nq, block_threshold=tlabel)
+                    record(prov, name, bits, subspaces, pt, r, "match_at_1", m1,
+                           nprobe=nprobe, n_lists=n_lists, n_queries=nq, block_threshold=tlabel)
+                    line.append(f"{prov} {nq / secs:7.0f} q/s m@1 {m1:.3f}")
+                ratio = best["faiss-ivfpq-fastscan"] / best["amips-cpu-default"]
+                ratio_same = best["faiss-fastscan-amips-codes"] / best["amips-cpu-default"]
+                for met, v in (("qps_ratio_vs_faiss", ratio), ("qps_ratio_vs_faiss_same_codes", ratio_same)):
+                    record("amips-cpu-default", name, bits, subspaces, tlabel, r, met, v,
+                           nprobe=nprobe, n_lists=n_lists)
+                print(f"[{name}] T={thr} nprobe {nprobe:3d} R {r:3d}: " + " | ".join(line)
+                      + f" | default/faiss {ratio:.2f}x, /faiss-same-codes {ratio_same:.2f}x", flush=True)
+
+
+def ivf_table():
+    rows = [r for r in ROWS if r["part"] == "ivf" and r["metric"] in ("qps", "match_at_1")]
+    if not rows:
+        return
+    cells = {}
+    for r in rows:
+        key = (r["dataset"], r["block_threshold"], r["nprobe"], r["reorder"], r["provider"])
+        cells.setdefault(key, {})[r["metric"]] = r["value"]
+    print(f"\n{'dataset':9s} {'T':>4s} {'nprobe':>6s} {'R':>4s} {'provider':28s} {'q/s':>8s} {'m@1':>6s}"
+          "   (T: amips' threshold in that interleaved block; faiss' own PQ has none)")
+    for (ds, thr, nprobe, rr, prov), v in cells.items():
+        print(f"{ds:9s} {str(thr):>4s} {nprobe:6d} {rr:4d} {prov:28s} {v['qps']:8.0f} {v['match_at_1']:6.3f}")
 
 
 def main(argv=None) -> int:
@@ -420,6 +473,16 @@ def main(argv=None) -> int:
     ap.add_argument("--ivf-lists", type=int, default=512, help="part ivf: lists of the IVF index")
     ap.add_argument("--ivf-wordlike", type=int, default=300_000,
                     help="part ivf: also on a word-vector-like set of this many keys x 100 (0: off)")
+    ap.add_argument("--ivf-nprobe", default="8,16,32", help="part ivf: nprobe values")
+    ap.add_argument("--ivf-reorder", default="0,20,100", help="part ivf: exact re-score depths R")
+    ap.add_argument("--ivf-thresholds", default="0.2,none",
+                    help="part ivf: score-aware thresholds T of amips' PQ ('none' = plain PQ)")
+    ap.add_argument("--ivf-pq-iters", type=int, default=10, help="part ivf: PQ k-means iterations")
+    ap.add_argument("--repeats", type=int, default=3, help="part ivf: timed repeats (best of)")
+    ap.add_argument("--ivf-train-sample", type=int, default=None,
+                    help="part ivf: keys amips' PQ codebooks train on (default: the library's 100,000)")
+    ap.add_argument("--train-threads", type=int, default=1,
+                    help="part ivf: torch threads while training (timings always use 1)")
     ap.add_argument("--plot-only", metavar="CSV", help="redraw the PNG from a CSV and exit")
     args = ap.parse_args(argv)
     if args.plot_only:
@@ -427,15 +490,25 @@ def main(argv=None) -> int:
             plot(Path(args.plot_only).with_suffix(".png"), list(csv.DictReader(fh)))
         return 0
     torch.set_num_threads(1)
-    if not DATA.is_dir():
-        print(f"no data at {DATA}; nothing to run")
-        return 0
-    datasets = ["scifact"] if args.quick else args.datasets.split(",")
+    datasets = ["scifact"] if args.quick else [d for d in args.datasets.split(",") if d]
+    missing = [d for d in datasets if not (DATA / d / "keys.npy").is_file()]
+    if missing:
+        print(f"no data for {missing} under {DATA}; skipped")
+        datasets = [d for d in datasets if d not in missing]
+    ivf_opts = dict(
+        nprobes=[int(v) for v in args.ivf_nprobe.split(",")],
+        reorders=[int(v) for v in args.ivf_reorder.split(",")],
+        thresholds=[None if v.strip().lower() == "none" else float(v) for v in args.ivf_thresholds.split(",")],
+        repeats=args.repeats, pq_iters=args.ivf_pq_iters, train_threads=args.train_threads)
+    if args.ivf_train_sample:
+        import amips.index.pq_scanner as pq_scanner_module
+
+        pq_scanner_module.TRAIN_SAMPLE = args.ivf_train_sample
     thresholds = [0.2, 0.4] if args.quick else [0.1, 0.15, 0.2, 0.3, 0.4]
     parts = set(args.parts.split(","))
     dev = device_name()
     t_start = time.time()
-    for name in [d for d in datasets if d]:
+    for name in datasets:
         keys, queries, gt_score = load(name, None if name == "scifact" else args.n_queries)
         g = torch.Generator().manual_seed(0)
         if keys.shape[0] > args.train_keys:
@@ -452,7 +525,7 @@ def main(argv=None) -> int:
             part_side(name, keys, queries, gt_score, train_x, args.iters, args.qps_queries)
         if "ivf" in parts and name != "scifact":
             part_ivf_default(name, keys, queries, gt_score, n_lists=args.ivf_lists,
-                             subspaces=keys.shape[1] // 2, nprobes=(8, 16, 32), reorders=(0, 100))
+                             subspaces=keys.shape[1] // 2, **ivf_opts)
         if "lut" in parts and name == "scifact":
             part_lut_dtype(name, keys, queries, gt_score, args.iters)
     if "ivf" in parts and args.ivf_wordlike:
@@ -461,8 +534,7 @@ def main(argv=None) -> int:
         wk, wq = word_vector_like(args.ivf_wordlike, args.n_queries, 100, seed=0)
         wk, wq = torch.from_numpy(wk), torch.from_numpy(wq)
         gt = torch.cat([(wq[a:a + 1024] @ wk.T).max(1).values for a in range(0, wq.shape[0], 1024)])
-        part_ivf_default("wordlike", wk, wq, gt, n_lists=args.ivf_lists, subspaces=50,
-                         nprobes=(8, 16, 32), reorders=(0, 100))
+        part_ivf_default("wordlike", wk, wq, gt, n_lists=args.ivf_lists, subspaces=50, **ivf_opts)
     if "gpu" in parts:
         part_gpu()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -470,7 +542,8 @@ def main(argv=None) -> int:
     for row in ROWS:
         row.update(device=dev, git_sha=sha)
     fields = ["bench", "part", "provider", "dataset", "bits_per_vector", "subspaces", "threshold",
-              "reorder", "n_queries", "metric", "value", "device", "git_sha"]
+              "reorder", "nprobe", "n_lists", "n_queries", "block_threshold", "metric", "value",
+              "device", "git_sha"]
     path = OUT / ("pq_quick.csv" if args.quick else "pq.csv")
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
@@ -480,6 +553,7 @@ def main(argv=None) -> int:
     plot(path.with_suffix(".png"))
     print(f"\nwrote {path} ({len(ROWS)} rows) in {time.time() - t_start:.0f} s on {dev}")
     table()
+    ivf_table()
     return 0
 
 
@@ -506,7 +580,8 @@ def plot(path, rows=None):
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{ds} {prov}")
         ax.set_xlabel("threshold T" if xkey == "threshold" else "bits per vector")
         ax.set_ylabel(metric)
-        ax.legend(fontsize=6)
+        if ax.lines:
+            ax.legend(fontsize=6)
     axes[0].set_title("Recall1@10 vs T (4 dims / 4-bit subspace)")
     axes[1].set_title("relative error of top-1 inner product")
     axes[1].set_yscale("log")

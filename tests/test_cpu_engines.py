@@ -1,4 +1,6 @@
-"""CPU engines (faiss over amips' lists and codes) equal the torch paths, tie-aware."""
+"""CPU engines (faiss over amips' lists and codes) equal the torch paths, tie-aware.
+
+The PQ engine's contract is tested in test_cpu_pq_engine.py."""
 
 import pytest
 import torch
@@ -66,25 +68,6 @@ def test_exact_engine_equals_torch_reference(index, k):
     s_t, p_t = ivf_scan_ref(q, index.keys_by_list, index.list_offsets, E._dedupe(probes), k)
     _assert_same_topk(s_f, p_f, s_t, p_t)
     assert bool((p_f[1] == -1).all()) and bool(torch.isneginf(s_f[1]).all())
-
-
-@pytest.mark.parametrize("reorder", [0, 60])
-def test_pq_default_equals_torch_path(index, engine, reorder):
-    g = torch.Generator().manual_seed(3)
-    q = torch.randn(40, index.d, generator=g)
-    route = index.router(None).route(q, 3)
-    engine("torch")
-    s_t, p_t = index.pq.search(q, route.lists, 5, reorder=reorder, keys_by_list=index.keys_by_list)
-    engine("faiss")
-    s_f, p_f = index.pq.search(q, route.lists, 5, reorder=reorder, keys_by_list=index.keys_by_list)
-    assert isinstance(index.pq._cpu_engine, E.FaissPQEngine)
-    _assert_same_topk(s_f, p_f, s_t, p_t)
-    # through the index too, with ids mapped back
-    engine("torch")
-    a = index.search(q, 5, 3, scanner="pq", reorder=reorder)
-    engine("auto")
-    b = index.search(q, 5, 3, scanner="pq", reorder=reorder)
-    _assert_same_topk(b[0], b[1], a[0], a[1])
 
 
 def test_index_search_default_engine_and_switches(index, engine):

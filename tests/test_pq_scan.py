@@ -181,6 +181,8 @@ def _index(seed=0, n=240, d=12, n_lists=4):
 @pytest.fixture
 def torch_backend(monkeypatch):
     monkeypatch.setenv("AMIPS_BACKEND", "torch")
+    # the torch path itself (the CPU default engine, faiss, is tested in test_cpu_pq_engine.py)
+    monkeypatch.setenv("AMIPS_CPU_ENGINE", "torch")
 
 
 @pytest.mark.parametrize("by_residual", [True, False])
@@ -257,6 +259,8 @@ def test_scanner_bad_input(torch_backend):
         PQScanner.train(keys, offsets[:-1], cents, subspaces=6)
     with pytest.raises(InputError, match="centroids"):
         PQScanner.train(keys, offsets, cents[:2], subspaces=6)
+    with pytest.raises(InputError, match=r"anisotropic_threshold.*\[0, 1\)"):
+        PQScanner.train(keys, offsets, cents, subspaces=6, anisotropic_threshold=1.0)
     sc = PQScanner.train(keys, offsets, cents, subspaces=6, iters=2)
     probes = torch.tensor([[0], [1], [2]])
     with pytest.raises(InputError, match="keys_by_list"):

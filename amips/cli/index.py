@@ -58,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--pq-subspaces", type=int, default=None, help="also train a PQ scanner with M subspaces")
     b.add_argument("--pq-bits", type=int, choices=[4, 8], default=4, help="bits per PQ code (4 or 8)")
     b.add_argument("--anisotropic-threshold", type=float, default=None,
-                   help="score-aware PQ loss threshold T (default: reconstruction loss)")
+                   help="score-aware PQ loss threshold T in [0, 1), relative to each key's norm "
+                        "(0.2 is ScaNN's usual value; default: reconstruction loss)")
     add_overwrite(b, "an index")
     b.add_argument("--force", action="store_true", dest="overwrite", help=argparse.SUPPRESS)
     b.add_argument("--quiet", action="store_true", help="no progress messages")

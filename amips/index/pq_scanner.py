@@ -8,8 +8,9 @@ Score of key ``i`` in list ``l`` (by_residual, the default):
 ``<q, c_l> + sum_m lut[q, m, code[i, m]]`` with ``lut[q, m, c] = <q_m, codebook[m, c]>``,
 the codes quantizing the residual ``x_i - c_l``; without by_residual the codes quantize
 ``x_i`` and the bias is 0. With ``anisotropic_threshold = T`` the codebooks and codes
-minimise the score-aware loss of ``x_i`` (see ``amips.quantize``); ``None`` means the plain
-reconstruction loss. Codebooks are trained on at most ``TRAIN_SAMPLE`` keys (a seeded
+minimise the score-aware loss of ``x_i`` (see ``amips.quantize``; ``T`` is relative to each
+key's norm, so keys of any norms are weighted as ScaNN weights unit-norm keys); ``None`` means
+the plain reconstruction loss. Codebooks are trained on at most ``TRAIN_SAMPLE`` keys (a seeded
 random sample); every key is then encoded.
 """
 
@@ -94,9 +95,10 @@ class PQScanner:
             )
         if anisotropic_threshold is not None:
             t = float(anisotropic_threshold)
-            if not math.isfinite(t) or t < 0:
+            if not math.isfinite(t) or t < 0 or t >= 1:
                 raise InputError(
-                    f"anisotropic_threshold: must be a finite number >= 0 or None, got {t}"
+                    f"anisotropic_threshold: must be a finite number in [0, 1) (a cosine, "
+                    f"relative to each key's norm) or None, got {t}"
                 )
             anisotropic_threshold = t
         iters = check_positive_int(iters, "iters")

@@ -27,6 +27,7 @@ import abc
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .._validate import InputError, check_matrix, check_positive_int, to_tensor
@@ -52,9 +53,16 @@ def top_lists(scores: torch.Tensor, nprobe: int) -> torch.Tensor:
     scores = torch.nan_to_num(scores.float(), nan=float("-inf"))
     if nprobe == n_lists or scores.shape[0] == 0:
         return torch.argsort(scores, dim=1, descending=True, stable=True)[:, :nprobe].contiguous()
-    vals, idx = torch.topk(scores, nprobe, dim=1)
+    # any top-nprobe set will do (its order is set below): on CPU numpy's introselect is
+    # ~3x torch.topk for rows of a few hundred lists (a sorted topk ~1.7x more again)
+    if scores.device.type == "cpu":
+        part = np.argpartition(scores.detach().numpy(), n_lists - nprobe, axis=1)[:, n_lists - nprobe:]
+        idx = torch.from_numpy(np.ascontiguousarray(part)).long()
+        vals = scores.gather(1, idx)
+    else:
+        vals, idx = torch.topk(scores, nprobe, dim=1, sorted=False)
     # a boundary tie: more columns equal to the last kept score than slots left for them
-    kth = vals[:, -1:]
+    kth = vals.amin(1, keepdim=True)
     n_ge = (scores >= kth).sum(1)
     bad = torch.nonzero(n_ge > nprobe)[:, 0]
     # order the selection by (score desc, id asc)
