@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .._validate import InputError
+from ..kernels.ivf_scan import _EMPTY_POS
 
 ENGINES = ("auto", "torch", "faiss")
 N_RESCORE = 32  # extra PQ candidates fetched from faiss and re-scored with float tables
@@ -134,6 +135,166 @@ class FaissExactEngine:
             rs, rp = ivf_scan(queries[rows].float().cpu(), self._keys, self._offsets, probes[rows].cpu().long(), k)
             s[rows], p[rows] = rs.to(s.dtype), rp.to(p.dtype)
         return s, p
+
+
+class BatchedExactEngine:
+    """List-major exact scan of a batch: one matrix product per probed list.
+
+    The (query, list) pairs of the batch are grouped by list; each probed list is read
+    once and scored against all the queries that probe it with one fp32 matrix multiply
+    (compute-bound, where a per-query scan streams every probed list once per query).
+    Selection never builds a buffer as wide as a query's probed keys (the torch
+    reference's cliff on unequal lists):
+
+    - k = 1: each pair keeps its maximum (the first, i.e. lowest position, among ties);
+    - small k: a lower bound of every query's k-th score is taken from its first probed
+      list (the exact k-th best there, less a rounding margin), then every list keeps only
+      the scores at or above its queries' bounds: about k candidates per query survive,
+      found with one comparison per score instead of a k-selection per pair;
+    - otherwise (large k, or nprobe <= 2): a k-selection per pair (ties to the lowest
+      position) and a merge of the ``nprobe * k`` candidates.
+
+    Candidates are merged by (score desc, position asc). fp16/bf16 keys are upcast one
+    list at a time.
+    """
+
+    MAX_BLOCK = 1 << 22  # score entries per product (16 MiB of fp32): larger lists are split by queries
+    MAX_BOUND_K = 64  # above this k, per-pair k-selection
+
+    def __init__(self, keys_by_list: torch.Tensor, list_offsets: torch.Tensor):
+        self._keys = keys_by_list
+        self._offsets = list_offsets.cpu().long()
+        self._off = self._offsets.tolist()
+        self._sizes = self._offsets[1:] - self._offsets[:-1]
+        norms = keys_by_list.float().norm(dim=1) if keys_by_list.shape[0] else torch.zeros(1)
+        self._max_norm = float(norms.max()) if norms.numel() else 0.0
+
+    def _blocks(self, probes: torch.Tensor):
+        """(list, pair ids) per probed non-empty list, pairs = flat (query, slot) ids, in
+        query order within a list; long lists come split so a product stays under MAX_BLOCK."""
+        flat = probes.reshape(-1)
+        live = (flat >= 0) & (self._sizes[flat.clamp_min(0)] > 0)
+        pair = live.nonzero().squeeze(1)
+        lists = flat[pair]
+        order = torch.argsort(lists, stable=True)
+        pair, lists = pair[order], lists[order]
+        uniq, counts = torch.unique_consecutive(lists, return_counts=True)
+        lo = 0
+        for lst, cnt in zip(uniq.tolist(), counts.tolist()):
+            n = self._off[lst + 1] - self._off[lst]
+            step = max(1, self.MAX_BLOCK // n)
+            for a in range(lo, lo + cnt, step):
+                yield lst, pair[a:min(lo + cnt, a + step)]
+            lo += cnt
+
+    def _list_keys(self, lst: int) -> tuple[torch.Tensor, int]:
+        s0, s1 = self._off[lst], self._off[lst + 1]
+        block = self._keys[s0:s1]
+        return (block if block.dtype == torch.float32 else block.float()), s0
+
+    def search(self, queries: torch.Tensor, probes: torch.Tensor, k: int):
+        q = queries.detach().cpu().float().contiguous()
+        probes = _dedupe(probes.cpu().long())
+        if k == 1:
+            return self._search_top1(q, probes)
+        if k <= self.MAX_BOUND_K and probes.shape[1] > 2:
+            return self._search_bounded(q, probes, k)
+        return self._search_per_pair(q, probes, k)
+
+    def _search_top1(self, q, probes):
+        nq, nprobe = probes.shape
+        cand_s = torch.full((nq * nprobe,), float("-inf"))
+        cand_p = torch.full((nq * nprobe,), _EMPTY_POS, dtype=torch.int64)
+        for lst, pairs in self._blocks(probes):
+            block, s0 = self._list_keys(lst)
+            v, j = (q.index_select(0, pairs // nprobe) @ block.T).max(1)  # first maximum
+            cand_s[pairs] = v
+            cand_p[pairs] = j + s0
+        return _merge(cand_s.view(nq, nprobe), cand_p.view(nq, nprobe), 1)
+
+    def _search_per_pair(self, q, probes, k):
+        nq, nprobe = probes.shape
+        cand_s = torch.full((nq * nprobe, k), float("-inf"))
+        cand_p = torch.full((nq * nprobe, k), _EMPTY_POS, dtype=torch.int64)
+        for lst, pairs in self._blocks(probes):
+            block, s0 = self._list_keys(lst)
+            scores = q.index_select(0, pairs // nprobe) @ block.T  # [m, n]
+            n = scores.shape[1]
+            if n <= k:
+                cand_s[pairs, :n] = scores
+                cand_p[pairs, :n] = torch.arange(s0, s0 + n)
+            else:
+                v, j = _list_topk(scores, k)
+                cand_s[pairs] = v
+                cand_p[pairs] = j + s0
+        return _merge(cand_s.view(nq, nprobe * k), cand_p.view(nq, nprobe * k), k)
+
+    def _search_bounded(self, q, probes, k):
+        nq, nprobe = probes.shape
+        # 1. bound: the k-th best score of each query's first probed list (-inf where that
+        # list has fewer than k keys), lowered by twice the worst fp32 rounding of a dot
+        # product (d * 2**-24 * |q| * max|key| per order), so that the scores the second
+        # pass computes (another product shape, maybe another summation order) stay above it
+        first = probes[:, :1]
+        thr = torch.full((nq,), float("-inf"))
+        for lst, pairs in self._blocks(first):
+            block, _ = self._list_keys(lst)
+            if block.shape[0] < k:
+                continue
+            scores = q.index_select(0, pairs) @ block.T
+            thr[pairs] = torch.topk(scores, k, dim=1, sorted=False).values.min(1).values
+        margin = 2.0 * q.shape[1] * 2.0**-24 * q.norm(dim=1) * self._max_norm
+        thr = thr - margin * 1.01
+        # 2. every pair keeps its scores at or above its query's bound, packed per query
+        fill = torch.zeros(nq, dtype=torch.int64)
+        parts = []
+        for lst, pairs in self._blocks(probes):
+            block, s0 = self._list_keys(lst)
+            qi = pairs // nprobe
+            scores = q.index_select(0, qi) @ block.T  # [m, n]
+            hit = (scores >= thr.index_select(0, qi)[:, None]).nonzero()
+            if hit.shape[0] == 0:
+                continue
+            r, c = hit[:, 0], hit[:, 1]
+            cnt = torch.bincount(r, minlength=qi.numel())
+            rank = torch.arange(r.numel()) - (torch.cumsum(cnt, 0) - cnt)[r]
+            qr = qi[r]
+            parts.append((qr, fill[qr] + rank, scores[r, c], c + s0))
+            fill[qi] += cnt
+        width = max(1, int(fill.max()) if nq else 1)
+        buf_s = torch.full((nq, width), float("-inf"))
+        buf_p = torch.full((nq, width), _EMPTY_POS, dtype=torch.int64)
+        if parts:
+            qr, slot, sc, pos = (torch.cat(t) for t in zip(*parts))
+            buf_s[qr, slot] = sc
+            buf_p[qr, slot] = pos
+        return _merge(buf_s, buf_p, k)
+
+
+def _merge(cand_s: torch.Tensor, cand_p: torch.Tensor, k: int):
+    """Best k of every row's candidates by (score desc, position asc); -inf / -1 padding."""
+    if k == 1:
+        best = cand_s.max(1, keepdim=True).values
+        p = torch.where(cand_s == best, cand_p, torch.full_like(cand_p, _EMPTY_POS)).min(1, keepdim=True).values
+        empty = p >= _EMPTY_POS
+        return (torch.where(empty, torch.full_like(best, float("-inf")), best).contiguous(),
+                torch.where(empty, torch.full_like(p, -1), p).contiguous())
+    from ..kernels.ivf_scan import _select_topk
+
+    return _select_topk(cand_s, cand_p, k)
+
+
+def _list_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k columns per row, ties to the lowest column (torch.topk breaks them arbitrarily)."""
+    v, j = torch.topk(scores, k, dim=1)
+    kth = v[:, -1:]
+    redo = ((scores == kth).sum(1) > (v == kth).sum(1)).nonzero().squeeze(1)
+    if redo.numel():
+        # a tie at the k-th score reaches past the selection: a stable sort puts the lowest
+        # columns of every tied run first
+        rv, rj = torch.sort(scores[redo], dim=1, descending=True, stable=True)
+        v[redo], j[redo] = rv[:, :k], rj[:, :k]
+    return v, j
 
 
 class FaissPQEngine:
