@@ -96,10 +96,21 @@ def train_labels(keys, index, q_train, out):
     """
     from amips.train import load_or_compute_labels
 
+    import json
+
+    from amips._io import atomic_write_bytes
+    from amips.provenance import fingerprint
+
     keys = torch.as_tensor(keys)
     load_or_compute_labels(torch.from_numpy(q_train).to(keys.device), keys, cache_dir=out,
                            partition_ids=index.partitions.to(keys.device), n_partitions=index.n_lists,
                            progress=False)
+    # the manifest `amips labels` writes, so that `train(labels_dir=...)` accepts the folder
+    manifest = {"complete": True, "inputs": {"keys": fingerprint(keys.cpu().numpy()), "queries": fingerprint(q_train),
+                                             "partitions": fingerprint(index.partitions.cpu().numpy())},
+                "n_queries": int(q_train.shape[0]), "n_keys": int(keys.shape[0]), "d": int(keys.shape[1]),
+                "n_partitions": int(index.n_lists)}
+    atomic_write_bytes(Path(out) / "labels.json", json.dumps(manifest, indent=2).encode())
     return Path(out)
 
 

@@ -1,16 +1,25 @@
-"""CPU engines behind the scanners: faiss kernels over amips' own lists and codes.
+"""CPU engines behind the scanners: list-major matrix products, and faiss kernels over
+amips' own lists and codes.
 
 On CPU the torch paths of the scanners (``ivf_scan_ref``, ``pq_scan_ref``) group the
 (query, list) pairs by list and run one small matrix product or table gather per list:
 fine on a GPU-sized batch over equal lists, slow for single queries and, on lists of very
-unequal size, a cliff as nprobe grows (bench/RESULTS.md). faiss' IVF scanners walk each
-query's probed lists with SIMD kernels, at a cost linear in the keys scanned. This module
-hands faiss amips' own data, so results stay amips' results:
+unequal size, a cliff as nprobe grows (bench/RESULTS.md): ``ivf_scan_ref`` writes every
+scanned score into a buffer as wide as the widest query's probed lists, so the query
+chunks shrink, the per-list loop runs once per chunk, and the top-k runs over the whole
+buffer. The engines here keep amips' results (fp32 inner products, ties to the lowest
+position, compare tie-aware):
 
+- :class:`BatchedExactEngine`: list-major: every probed list is scored once against all
+  the batch's queries that probe it (one fp32 matrix product), each (query, list) pair
+  keeps at most its k best (k = 1: the row maximum; small k: only pairs that reach a
+  per-query lower bound of the k-th score, the k-th largest maximum over runs of keys),
+  and a query's few candidates are merged. Cost: about two matrix products per probed
+  list, linear in the keys scanned; compute-bound.
 - :class:`FaissExactEngine`: a faiss ``IndexIVFFlat`` whose inverted lists hold exactly
   ``keys_by_list`` (label = row of ``keys_by_list``), searched with
-  ``search_preassigned`` on the lists the router chose. Scores are fp32 inner products,
-  equal to the torch path's up to summation order (compare tie-aware).
+  ``search_preassigned`` on the lists the router chose: per query, memory-bound, but with
+  no per-list fixed cost; the engine for a few queries.
 - :class:`FaissPQEngine`: a faiss ``IndexIVFPQFastScan`` whose PQ codebooks ARE the amips
   (score-aware) codebooks and whose inverted lists hold the amips codes, packed into
   faiss' blocks of 32; faiss' 4-bit fast-scan (uint8 tables, SIMD shuffles) picks
@@ -20,12 +29,14 @@ hands faiss amips' own data, so results stay amips' results:
   When the candidates hold the torch path's top-k (always, bar near-ties within faiss'
   table rounding), the results are the torch path's.
 
-Selection (``AMIPS_CPU_ENGINE``): ``auto`` (default) uses faiss on CPU when it applies
-(fp32 keys for the exact engine; 4-bit codes for PQ) and torch otherwise; ``torch``
-forces the torch paths, ``faiss`` insists (an error where faiss cannot serve). Any faiss
-failure in ``auto`` falls back to torch with one warning. The rule is fixed (no per-batch
-timing): faiss avoids the torch path's cliff on unequal lists reported in issue 13 and its
-per-list overhead on small batches (bench/bench_cpu_engines.py measures both).
+Selection (``AMIPS_CPU_ENGINE``): ``auto`` (default). Exact scanner: the batched engine
+when the batch has at least ``BATCHED_MIN_QUERIES_PER_LIST`` (8) queries per list on
+average (``nq * nprobe >= 8 * n_lists``), else faiss (fp32 keys, faiss installed), else
+the batched engine (:func:`exact_engine_kind`; the crossover is measured by
+bench/bench_cpu_engines.py). PQ scanner: faiss on CPU when it applies (4-bit codes),
+torch otherwise. ``torch`` forces the torch paths, ``faiss`` insists on faiss (an error
+where faiss cannot serve), ``batched`` forces the batched exact engine (PQ as ``auto``).
+Any faiss failure in ``auto`` falls back with one warning.
 """
 
 from __future__ import annotations
@@ -39,7 +50,7 @@ import torch
 from .._validate import InputError
 from ..kernels.ivf_scan import _EMPTY_POS
 
-ENGINES = ("auto", "torch", "faiss")
+ENGINES = ("auto", "torch", "faiss", "batched")
 N_RESCORE = 32  # extra PQ candidates fetched from faiss and re-scored with float tables
 _warned: set[str] = set()
 
@@ -160,6 +171,7 @@ class BatchedExactEngine:
 
     MAX_BLOCK = 1 << 22  # score entries per product (16 MiB of fp32): larger lists are split by queries
     MAX_BOUND_K = 64  # above this k, per-pair k-selection
+    BOUND_CHUNKS = 16  # runs per probed list whose maxima bound a query's k-th score
 
     def __init__(self, keys_by_list: torch.Tensor, list_offsets: torch.Tensor):
         self._keys = keys_by_list
@@ -231,43 +243,59 @@ class BatchedExactEngine:
 
     def _search_bounded(self, q, probes, k):
         nq, nprobe = probes.shape
-        # 1. bound: the k-th best score of each query's first probed list (-inf where that
-        # list has fewer than k keys), lowered by twice the worst fp32 rounding of a dot
-        # product (d * 2**-24 * |q| * max|key| per order), so that the scores the second
-        # pass computes (another product shape, maybe another summation order) stay above it
-        first = probes[:, :1]
-        thr = torch.full((nq,), float("-inf"))
-        for lst, pairs in self._blocks(first):
+        chunks = max(self.BOUND_CHUNKS, k)
+        slots = chunks + 1
+        # 1. bound: split every probed list into at most `chunks` runs of keys and take each
+        # run's best score; the k-th largest of a query's run maxima is at most its k-th
+        # score (k distinct runs reach it). It is lowered by twice the worst fp32 rounding
+        # of a dot product (d * 2**-24 * |q| * max|key| per summation order) so the second
+        # pass's scores of the same keys stay above it whatever order the product sums in.
+        run_max = torch.full((nq * nprobe, slots), float("-inf"))
+        for lst, pairs in self._blocks(probes):
             block, _ = self._list_keys(lst)
-            if block.shape[0] < k:
-                continue
-            scores = q.index_select(0, pairs) @ block.T
-            thr[pairs] = torch.topk(scores, k, dim=1, sorted=False).values.min(1).values
+            st = block @ q.index_select(0, pairs // nprobe).T  # [n, m]: reductions over rows vectorise
+            n, m = st.shape
+            w = -(-n // chunks)
+            full = n // w
+            cm = st[: full * w].view(full, w, m).amax(1)
+            run_max[pairs, :full] = cm.T
+            if full * w < n:
+                run_max[pairs, full] = st[full * w:].amax(0)
+        run_max = run_max.view(nq, nprobe * slots)
+        thr = torch.topk(run_max, min(k, run_max.shape[1]), dim=1, sorted=False).values.min(1).values
         margin = 2.0 * q.shape[1] * 2.0**-24 * q.norm(dim=1) * self._max_norm
         thr = thr - margin * 1.01
-        # 2. every pair keeps its scores at or above its query's bound, packed per query
+        # 2. only pairs whose best score reaches the bound can hold a top-k key: their k best
         fill = torch.zeros(nq, dtype=torch.int64)
         parts = []
         for lst, pairs in self._blocks(probes):
             block, s0 = self._list_keys(lst)
             qi = pairs // nprobe
-            scores = q.index_select(0, qi) @ block.T  # [m, n]
-            hit = (scores >= thr.index_select(0, qi)[:, None]).nonzero()
-            if hit.shape[0] == 0:
+            st = block @ q.index_select(0, qi).T  # [n, m]
+            live = (st.amax(0) >= thr.index_select(0, qi)).nonzero().squeeze(1)
+            if live.numel() == 0:
                 continue
-            r, c = hit[:, 0], hit[:, 1]
-            cnt = torch.bincount(r, minlength=qi.numel())
-            rank = torch.arange(r.numel()) - (torch.cumsum(cnt, 0) - cnt)[r]
-            qr = qi[r]
-            parts.append((qr, fill[qr] + rank, scores[r, c], c + s0))
-            fill[qi] += cnt
-        width = max(1, int(fill.max()) if nq else 1)
+            sub = st.index_select(1, live).T.contiguous()  # [m_live, n]
+            n = sub.shape[1]
+            if n <= k:
+                v = torch.full((live.numel(), k), float("-inf"))
+                j = torch.full((live.numel(), k), _EMPTY_POS - s0, dtype=torch.int64)
+                v[:, :n] = sub
+                j[:, :n] = torch.arange(n)
+            else:
+                v, j = _list_topk(sub, k)
+            ql = qi.index_select(0, live)
+            parts.append((ql, fill.index_select(0, ql), v, j + s0))
+            fill.index_add_(0, ql, torch.ones_like(ql))
+        width = max(1, int(fill.max()) if nq else 1) * k
         buf_s = torch.full((nq, width), float("-inf"))
         buf_p = torch.full((nq, width), _EMPTY_POS, dtype=torch.int64)
         if parts:
-            qr, slot, sc, pos = (torch.cat(t) for t in zip(*parts))
-            buf_s[qr, slot] = sc
-            buf_p[qr, slot] = pos
+            ql, base, v, pos = (torch.cat(t) for t in zip(*parts))
+            cols = base[:, None] * k + torch.arange(k)[None, :]
+            rows = ql[:, None].expand_as(cols)
+            buf_s[rows, cols] = v
+            buf_p[rows, cols] = pos
         return _merge(buf_s, buf_p, k)
 
 
@@ -365,21 +393,58 @@ class FaissPQEngine:
         return s, p
 
 
-def exact_engine(scanner):
-    """The CPU engine of an ExactScanner, built once; None for the torch path."""
-    if engine_choice() == "torch":
+# Engine choice for the exact scanner, by the mean number of the batch's queries that probe
+# each list (nq * nprobe / n_lists): below it faiss' per-query scan wins (each list would be
+# scored against too few queries for a matrix product to pay), above it the list-major
+# products do. Measured with bench/bench_cpu_engines.py (bench/RESULTS.md, issue 13 session 3):
+# on 300k word-like keys in 548 lists, one thread, the two cross between 3.7 and 15 queries
+# per list at nprobe 8 and 32.
+BATCHED_MIN_QUERIES_PER_LIST = 8.0
+
+
+def exact_engine_kind(nq: int, nprobe: int, n_lists: int, *, key_dtype=torch.float32,
+                      faiss_available: bool = True) -> str:
+    """Which CPU engine scans a batch for the exact scanner: ``"batched"``, ``"faiss"`` or
+    ``"torch"`` (the torch reference ``ivf_scan_ref``), after ``AMIPS_CPU_ENGINE``.
+
+    ``auto``: ``"batched"`` when ``nq * nprobe >= BATCHED_MIN_QUERIES_PER_LIST * n_lists``,
+    else ``"faiss"`` (fp32 keys, faiss installed) or ``"batched"``. ``torch``, ``faiss`` and
+    ``batched`` force that engine.
+    """
+    choice = engine_choice()
+    if choice != "auto":
+        return choice
+    if nq * nprobe >= BATCHED_MIN_QUERIES_PER_LIST * max(1, n_lists):
+        return "batched"
+    if faiss_available and key_dtype == torch.float32:
+        return "faiss"
+    return "batched"
+
+
+def exact_engine(scanner, nq: int | None = None, nprobe: int | None = None):
+    """The CPU engine of an ExactScanner for a batch of ``nq`` queries probing ``nprobe``
+    lists (each engine built once and kept on the scanner); None for the torch reference.
+    Without ``nq``/``nprobe``: the engine for a large batch."""
+    if nq is None or nprobe is None:
+        nq, nprobe = 1 << 30, 1
+    kind = exact_engine_kind(nq, nprobe, scanner.n_lists, key_dtype=scanner.keys_by_list.dtype,
+                             faiss_available=_faiss() is not None)
+    if kind == "torch":
         return None
-    eng = getattr(scanner, "_cpu_engine", None)
+    engines = scanner.__dict__.setdefault("_cpu_engines", {})
+    eng = engines.get(kind)
     if eng is not None:
         return eng
-    if scanner.keys_by_list.dtype != torch.float32 and engine_choice() == "auto":
-        return None  # fp16/bf16 storage: a faiss copy would double memory; torch path
-    try:
-        eng = FaissExactEngine(scanner.keys_by_list, scanner.list_offsets)
-    except Exception as exc:  # noqa: BLE001 - any faiss failure falls back
-        _fallback("exact", exc)
-        return None
-    scanner._cpu_engine = eng
+    if kind == "batched":
+        eng = BatchedExactEngine(scanner.keys_by_list, scanner.list_offsets)
+    else:
+        try:
+            eng = FaissExactEngine(scanner.keys_by_list, scanner.list_offsets)
+        except Exception as exc:  # noqa: BLE001 - any faiss failure falls back
+            _fallback("exact", exc)
+            eng = engines.get("batched") or BatchedExactEngine(scanner.keys_by_list, scanner.list_offsets)
+            kind = "batched"
+    engines[kind] = eng
     return eng
 
 
