@@ -265,28 +265,27 @@ class BatchedExactEngine:
         thr = torch.topk(run_max, min(k, run_max.shape[1]), dim=1, sorted=False).values.min(1).values
         margin = 2.0 * q.shape[1] * 2.0**-24 * q.norm(dim=1) * self._max_norm
         thr = thr - margin * 1.01
-        # 2. only pairs whose best score reaches the bound can hold a top-k key: their k best
+        # 2. only pairs whose best score (their best run maximum) reaches the bound can hold
+        # a top-k key: those are scored again, in rows, and keep their k best
+        pair_max = run_max.view(nq * nprobe, slots).amax(1)
+        live = pair_max >= thr.repeat_interleave(nprobe)
+        live_probes = torch.where(live.view(nq, nprobe), probes, torch.full_like(probes, -1))
         fill = torch.zeros(nq, dtype=torch.int64)
         parts = []
-        for lst, pairs in self._blocks(probes):
+        for lst, pairs in self._blocks(live_probes):
             block, s0 = self._list_keys(lst)
             qi = pairs // nprobe
-            st = block @ q.index_select(0, qi).T  # [n, m]
-            live = (st.amax(0) >= thr.index_select(0, qi)).nonzero().squeeze(1)
-            if live.numel() == 0:
-                continue
-            sub = st.index_select(1, live).T.contiguous()  # [m_live, n]
-            n = sub.shape[1]
+            scores = q.index_select(0, qi) @ block.T  # [m_live, n]
+            n = scores.shape[1]
             if n <= k:
-                v = torch.full((live.numel(), k), float("-inf"))
-                j = torch.full((live.numel(), k), _EMPTY_POS - s0, dtype=torch.int64)
-                v[:, :n] = sub
+                v = torch.full((qi.numel(), k), float("-inf"))
+                j = torch.full((qi.numel(), k), _EMPTY_POS - s0, dtype=torch.int64)
+                v[:, :n] = scores
                 j[:, :n] = torch.arange(n)
             else:
-                v, j = _list_topk(sub, k)
-            ql = qi.index_select(0, live)
-            parts.append((ql, fill.index_select(0, ql), v, j + s0))
-            fill.index_add_(0, ql, torch.ones_like(ql))
+                v, j = _list_topk(scores, k)
+            parts.append((qi, fill.index_select(0, qi), v, j + s0))
+            fill.index_add_(0, qi, torch.ones_like(qi))
         width = max(1, int(fill.max()) if nq else 1) * k
         buf_s = torch.full((nq, width), float("-inf"))
         buf_p = torch.full((nq, width), _EMPTY_POS, dtype=torch.int64)
@@ -313,15 +312,19 @@ def _merge(cand_s: torch.Tensor, cand_p: torch.Tensor, k: int):
 
 
 def _list_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k columns per row, ties to the lowest column (torch.topk breaks them arbitrarily)."""
-    v, j = torch.topk(scores, k, dim=1)
-    kth = v[:, -1:]
-    redo = ((scores == kth).sum(1) > (v == kth).sum(1)).nonzero().squeeze(1)
-    if redo.numel():
-        # a tie at the k-th score reaches past the selection: a stable sort puts the lowest
-        # columns of every tied run first
-        rv, rj = torch.sort(scores[redo], dim=1, descending=True, stable=True)
-        v[redo], j[redo] = rv[:, :k], rj[:, :k]
+    """Top-k columns per row, ties to the lowest column (torch.topk breaks them arbitrarily).
+
+    One more than k is selected: where the (k+1)-th score is below the k-th, the first k
+    are exactly the scores >= the k-th (no tie crosses the cut); rows where they are equal
+    are redone with a stable sort, which puts the lowest columns of a tied run first."""
+    kk = min(k + 1, scores.shape[1])
+    v, j = torch.topk(scores, kk, dim=1)
+    if kk > k:
+        redo = (v[:, k] == v[:, k - 1]).nonzero().squeeze(1)
+        v, j = v[:, :k], j[:, :k]
+        if redo.numel():
+            rv, rj = torch.sort(scores[redo], dim=1, descending=True, stable=True)
+            v[redo], j[redo] = rv[:, :k], rj[:, :k]
     return v, j
 
 
