@@ -1,22 +1,27 @@
 """What match@1 does each IVF configuration buy per probe, per FLOP and per second?
 
-On a dataset folder (default ../shared/data/wordnet): one spherical k-means IVF index
-(about sqrt(n) lists), searched with
-- amips, exact scan: centroid routing, the multi-head router (router-mlp, one head per
-  list), the convex multi-head SupportNet (both start at centroid routing and regress the
-  per-list support values with the focus-weighted MSE of ``amips.train``), KeyNet
-  substitution (route and scan with KeyNet(q)) and KeyNet route-only;
-- faiss on the SAME lists: IndexIVFFlat (its own centroid routing), and
-  IndexIVFPQFastScan (4-bit, d/2 subspaces, by residual) + exact re-score of the best R
-  candidates, routed by the centroids and by the learned routers (search_preassigned), and
-  faiss alone (the same fast-scan index, its own routing, IndexRefineFlat);
-- anchors: ScaNN (tree, spherical, score_ah(2, T=0.2), reorder R) and hnswlib, when
-  installed.
-PQ configurations are swept over nprobe and R (``--refine``) and compared on their
-(QPS, match@1) frontier. Everything runs in one process with the same thread count
-(default 1), queries in one batch, best of ``--repeats``. FLOPs per query count a
-multiply-add as 2 (router + scan; PQ: LUT + one add per subspace per code + refine);
-hnswlib's are not counted. Router training labels are exact (``amips.labels``).
+On a dataset folder (default ../shared/data/wordnet), or a generated set (``--wordlike N``:
+the natural-norm word-vector-like set of bench/_wordlike.py; ``--synthetic N``): one
+spherical k-means IVF index (about sqrt(n) lists), searched with
+- amips through ``index.search`` (router cost included): the exact scanner (the CPU
+  default engine, chosen by batch size) and the PQ scanner (d/2 subspaces x 4 bits, plain
+  or score-aware codes with ``--pq-threshold``, exact re-score of ``--refine`` candidates),
+  each routed by the centroids and by the learned routers: the multi-head router
+  (router-mlp, one head per list), the convex multi-head SupportNet (both regress the
+  per-list support values with the focus-weighted MSE of ``amips.train``), and KeyNet
+  substitution / route-only (exact scanner);
+- anchors, all on CPU: faiss IndexIVFFlat on the SAME lists (its own centroid routing),
+  faiss IndexIVFPQFastScan (4-bit, d/2 subspaces, by residual, same lists) +
+  IndexRefineFlat, ScaNN (tree, spherical, score_ah(2, T=0.2), reorder R) and hnswlib
+  (M=16, ef sweep ``--hnsw-ef``), when installed.
+Every configuration of every provider runs in one timing loop, interleaved (each round
+calls every configuration once), best of ``--repeats``, with the same thread count
+(default 1), queries in one batch, k = 10. PQ-like families are swept over nprobe and R
+and compared on their best curve. The summary prints QPS at match@1 .90 / .95 / .97 for
+every provider (interpolated on log QPS) and the ratio of the best amips row to the best
+anchor at .95. FLOPs per query count a multiply-add as 2 (router + scan; PQ: LUT + one add
+per subspace per code + refine); hnswlib's are not counted. Router training labels are
+exact (``amips.labels``).
 
 ``--device cuda`` runs the index, labels, router training and search on the GPU (amips rows
 only); ``--synthetic N`` replaces the dataset by N seeded synthetic keys (the 1M-key GPU
