@@ -1,22 +1,27 @@
 """What match@1 does each IVF configuration buy per probe, per FLOP and per second?
 
-On a dataset folder (default ../shared/data/wordnet): one spherical k-means IVF index
-(about sqrt(n) lists), searched with
-- amips, exact scan: centroid routing, the multi-head router (router-mlp, one head per
-  list), the convex multi-head SupportNet (both start at centroid routing and regress the
-  per-list support values with the focus-weighted MSE of ``amips.train``), KeyNet
-  substitution (route and scan with KeyNet(q)) and KeyNet route-only;
-- faiss on the SAME lists: IndexIVFFlat (its own centroid routing), and
-  IndexIVFPQFastScan (4-bit, d/2 subspaces, by residual) + exact re-score of the best R
-  candidates, routed by the centroids and by the learned routers (search_preassigned), and
-  faiss alone (the same fast-scan index, its own routing, IndexRefineFlat);
-- anchors: ScaNN (tree, spherical, score_ah(2, T=0.2), reorder R) and hnswlib, when
-  installed.
-PQ configurations are swept over nprobe and R (``--refine``) and compared on their
-(QPS, match@1) frontier. Everything runs in one process with the same thread count
-(default 1), queries in one batch, best of ``--repeats``. FLOPs per query count a
-multiply-add as 2 (router + scan; PQ: LUT + one add per subspace per code + refine);
-hnswlib's are not counted. Router training labels are exact (``amips.labels``).
+On a dataset folder (default ../shared/data/wordnet), or a generated set (``--wordlike N``:
+the natural-norm word-vector-like set of bench/_wordlike.py; ``--synthetic N``): one
+spherical k-means IVF index (about sqrt(n) lists), searched with
+- amips through ``index.search`` (router cost included): the exact scanner (the CPU
+  default engine, chosen by batch size) and the PQ scanner (d/2 subspaces x 4 bits, plain
+  or score-aware codes with ``--pq-threshold``, exact re-score of ``--refine`` candidates),
+  each routed by the centroids and by the learned routers: the multi-head router
+  (router-mlp, one head per list), the convex multi-head SupportNet (both regress the
+  per-list support values with the focus-weighted MSE of ``amips.train``), and KeyNet
+  substitution / route-only (exact scanner);
+- anchors, all on CPU: faiss IndexIVFFlat on the SAME lists (its own centroid routing),
+  faiss IndexIVFPQFastScan (4-bit, d/2 subspaces, by residual, same lists) +
+  IndexRefineFlat, ScaNN (tree, spherical, score_ah(2, T=0.2), reorder R) and hnswlib
+  (M=16, ef sweep ``--hnsw-ef``), when installed.
+Every configuration of every provider runs in one timing loop, interleaved (each round
+calls every configuration once), best of ``--repeats``, with the same thread count
+(default 1), queries in one batch, k = 10. PQ-like families are swept over nprobe and R
+and compared on their best curve. The summary prints QPS at match@1 .90 / .95 / .97 for
+every provider (interpolated on log QPS) and the ratio of the best amips row to the best
+anchor at .95. FLOPs per query count a multiply-add as 2 (router + scan; PQ: LUT + one add
+per subspace per code + refine); hnswlib's are not counted. Router training labels are
+exact (``amips.labels``).
 
 ``--device cuda`` runs the index, labels, router training and search on the GPU (amips rows
 only); ``--synthetic N`` replaces the dataset by N seeded synthetic keys (the 1M-key GPU
@@ -39,10 +44,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, OUT, best_of, device_name, git_sha, write_csv  # noqa: E402
+from _common import DATA, OUT, device_name, git_sha, write_csv  # noqa: E402
 
 import amips  # noqa: E402
-from amips.eval import evaluate  # noqa: E402
 from amips.index import IVFIndex  # noqa: E402
 from amips.index.faiss_backend import FaissIVF  # noqa: E402
 from amips.metrics import GroundTruth, evaluate_results  # noqa: E402
@@ -94,12 +98,22 @@ def train_labels(keys, index, q_train, out):
 
     The labels ``amips labels --partitions`` writes; computed once, shared by every router.
     """
+    import json
+
+    from amips._io import atomic_write_bytes
+    from amips.provenance import fingerprint
     from amips.train import load_or_compute_labels
 
     keys = torch.as_tensor(keys)
     load_or_compute_labels(torch.from_numpy(q_train).to(keys.device), keys, cache_dir=out,
                            partition_ids=index.partitions.to(keys.device), n_partitions=index.n_lists,
                            progress=False)
+    # the manifest `amips labels` writes, so that `train(labels_dir=...)` accepts the folder
+    manifest = {"complete": True, "inputs": {"keys": fingerprint(keys.cpu().numpy()), "queries": fingerprint(q_train),
+                                             "partitions": fingerprint(index.partitions.cpu().numpy())},
+                "n_queries": int(q_train.shape[0]), "n_keys": int(keys.shape[0]), "d": int(keys.shape[1]),
+                "n_partitions": int(index.n_lists)}
+    atomic_write_bytes(Path(out) / "labels.json", json.dumps(manifest, indent=2).encode())
     return Path(out)
 
 
@@ -141,6 +155,11 @@ def main(argv=None) -> int:
     ap.add_argument("--refine", default="20,50,100", help="PQ providers: exact re-scores swept")
     ap.add_argument("--pq-nprobe", default="4,8,12,16,24,32,48,64,96", help="PQ providers: lists probed")
     ap.add_argument("--max-test", type=int, default=None)
+    ap.add_argument("--no-pq", dest="pq", action="store_false", help="skip amips' PQ scanner rows")
+    ap.add_argument("--pq-threshold", type=lambda v: None if v.lower() == "none" else float(v), default=None,
+                    help="amips PQ (d/2 subspaces x 4 bits): score-aware threshold T of the codes, or none "
+                         "(default: plain codes; the score-aware assignment is slow on 2 CPU cores)")
+    ap.add_argument("--hnsw-ef", default="16,32,64,128,256,512", help="hnswlib: ef values swept")
     ap.add_argument("--device", default="cpu", help="cpu or cuda: where the index, routers and training run "
                     "(on cuda only amips rows: the anchors are CPU libraries)")
     ap.add_argument("--synthetic", type=int, default=None, metavar="N_KEYS",
@@ -249,64 +268,76 @@ def main(argv=None) -> int:
         set_threads(args.threads)
 
     rows: list[dict] = []   # wide rows for tables and plots
-    for label, spec in routers.items():
-        res = evaluate(index, q_test, router=spec, nprobes=nprobes, gt=gt, repeats=args.repeats,
-                       qps_single=200, label=label)
-        for r in res:
-            r["provider"] = "amips-exact"
-        rows += res
-        print(f"  evaluated {label}")
-
     keys_t = torch.from_numpy(keys)
     q_t = torch.from_numpy(q_test)
+    q_dev = q_t.to(device)
+    d = index.d
+    sizes = index.list_sizes
+    refines = [int(x) for x in args.refine.split(",") if x]
+    pq_nprobes = [p for p in (int(x) for x in args.pq_nprobe.split(",")) if p <= n_lists]
+    # Every configuration of every provider is a (row, call) pair; all calls run in one
+    # process, interleaved (round r calls every configuration once), best of --repeats.
+    configs: list[tuple[dict, object]] = []
 
-    def add_row(provider, label, param, ids, secs, flops, extra=None):
-        quality = evaluate_results(q_t, keys_t, torch.as_tensor(ids), gt, k=10)
-        rows.append({"provider": provider, "router": label, "nprobe": param, **quality,
-                     "flops_per_query": flops, "qps": len(q_test) / secs, **(extra or {})})
+    def add(provider, label, param, fn, flops, extra=None):
+        configs.append(({"provider": provider, "router": label, "nprobe": param, "flops_per_query": flops,
+                         "refine": 0, "family": label, **(extra or {})}, fn))
 
-    if anchors:
-        d = index.d
-        sizes = index.list_sizes
-        # faiss IVFFlat on our lists, faiss' own routing (IndexFlatIP over our centroids)
-        fflat = index.to_faiss("flat")
+    for label, spec in routers.items():
+        rt = index.router(spec)  # loaded once; its cost per query is in every timed call
         for p in nprobes:
-            fflat.nprobe = p
-            secs, (dist, ids) = best_of(lambda: fflat.search(q_test, 10), args.repeats)
-            lists = index.route(q_t, p).lists
-            scanned = float(sizes[lists].sum(1).double().mean())
-            add_row("faiss-ivfflat", "faiss IVFFlat", p, ids, secs, 2 * n_lists * d + 2 * d * scanned)
-        print("  evaluated faiss IVFFlat")
-        # PQ + exact re-score: every PQ configuration is swept over nprobe and the number of
-        # re-scored candidates, and compared on its best (QPS, match@1) frontier, so that no
-        # provider is held to one refine setting
-        refines = [int(x) for x in args.refine.split(",") if x]
-        pq_nprobes = [p for p in (int(x) for x in args.pq_nprobe.split(",")) if p <= n_lists]
-        fpq = FaissIVF(index, "pqfs", pq_subspaces=d // 2)
+            flops = index.flops_per_query(q_dev, p, rt)
+            add("amips-exact", label, p, lambda p=p, rt=rt: index.search(q_dev, 10, p, rt)[1], flops,
+                {"family": f"amips exact / {label}"})
+    if args.pq:
+        pq_dir = out_dir / f"index-{n_lists}-pq{d // 2}x4-T{args.pq_threshold}"
+        if index.pq is None and (pq_dir / "index.json").exists():
+            index.pq = IVFIndex.load(pq_dir, device=device).pq  # same lists: built from index_dir's
+        if index.pq is None:
+            t0 = time.time()
+            set_threads(build_threads)
+            index.train_pq(subspaces=d // 2, bits=4, anisotropic_threshold=args.pq_threshold, seed=0)
+            set_threads(args.threads)
+            print(f"amips PQ ({d // 2} subspaces x 4 bits, T={args.pq_threshold}): {time.time() - t0:.1f} s")
+            index.save(pq_dir)
         for label, spec in routers.items():
             if label not in ("centroid", "router-mlp-heads", "supportnet-heads"):
                 continue
             rt = index.router(spec)
             for refine in refines:
                 for p in pq_nprobes:
-                    secs, (s, ids, info) = best_of(
-                        lambda p=p, rt=rt, refine=refine: fpq.search(q_t, 10, p, rt, refine=refine, return_info=True),
-                        args.repeats)
-                    add_row(f"faiss-ivfpqfs-refine{refine}", f"faiss PQfs+refine{refine} / {label}", p, ids, secs,
-                            info["router_flops_per_query"] + info["scan_flops_per_query"],
-                            {"family": f"amips routing + faiss PQfs / {label}", "refine": refine})
-        print("  evaluated faiss IVFPQ fast-scan, amips routers (search_preassigned)")
-        # faiss alone: the same fast-scan index with its own routing and IndexRefineFlat
+                    info = index.search(q_dev[:256], 10, p, rt, scanner="pq", reorder=refine, return_info=True)[2]
+                    add("amips-pq", f"amips PQ+reorder{refine} / {label}", p,
+                        lambda p=p, rt=rt, refine=refine: index.search(q_dev, 10, p, rt, scanner="pq",
+                                                                        reorder=refine)[1],
+                        info.router_flops_per_query + info.scan_flops_per_query,
+                        {"family": f"amips PQ({d // 2}x4, T={args.pq_threshold}) + reorder / {label}",
+                         "refine": refine})
+
+    if anchors:
+        # faiss IVFFlat on our lists, faiss' own routing (IndexFlatIP over our centroids)
+        fflat = index.to_faiss("flat")
+        for p in nprobes:
+            lists = index.route(q_t, p).lists
+            scanned = float(sizes[lists].sum(1).double().mean())
+
+            def run_flat(p=p):
+                fflat.nprobe = p
+                return fflat.search(q_test, 10)[1]
+            add("faiss-ivfflat", "faiss IVFFlat", p, run_flat, 2 * n_lists * d + 2 * d * scanned,
+                {"family": "faiss IVFFlat (same lists)"})
+        # faiss alone: IVF-PQ fast-scan (d/2 x 4 bits, by residual, same lists) + IndexRefineFlat
+        fpq = FaissIVF(index, "pqfs", pq_subspaces=d // 2)
         native = faiss.IndexRefineFlat(fpq.faiss_index, faiss.swig_ptr(np.ascontiguousarray(keys)))
         for refine in refines:
-            native.k_factor = refine / 10.0
             for p in pq_nprobes:
-                fpq.faiss_index.nprobe = p
-                secs, (dist, ids) = best_of(lambda: native.search(q_test, 10), args.repeats)
+                def run_native(p=p, refine=refine):
+                    native.k_factor = refine / 10.0
+                    fpq.faiss_index.nprobe = p
+                    return native.search(q_test, 10)[1]
                 flops = 2 * n_lists * d + fpq.flops_per_query(float(sizes.double().mean()) * p, p, refine)
-                add_row(f"faiss-native-refine{refine}", f"faiss IVFPQfs+RefineFlat{refine}", p, ids, secs, flops,
-                        {"family": "faiss IVF-PQ fast-scan + IndexRefineFlat (its own routing)", "refine": refine})
-        print("  evaluated faiss IVFPQ fast-scan + IndexRefineFlat")
+                add("faiss-native", f"faiss IVFPQfs+RefineFlat{refine}", p, run_native, flops,
+                    {"family": "faiss IVF-PQ fast-scan + IndexRefineFlat", "refine": refine})
         try:
             import scann
 
@@ -317,17 +348,16 @@ def main(argv=None) -> int:
                         .score_ah(2, anisotropic_quantization_threshold=0.2)
                         .reorder(max(refines)).build())
             build_s = time.time() - t0
+            print(f"ScaNN build: {build_s:.1f} s")
             for refine in refines:
                 for p in pq_nprobes:
-                    secs, (ids, dist) = best_of(lambda p=p, refine=refine: searcher.search_batched(
-                        q_test, leaves_to_search=p, pre_reorder_num_neighbors=refine), args.repeats)
                     scanned = float(sizes.double().mean()) * p  # approximate: ScaNN's own lists
                     flops = 2 * n_lists * d + 2 * d * 16 + (d / 2) * scanned + 2 * d * refine
-                    add_row(f"scann-reorder{refine}", f"ScaNN AH(2,T=.2)+reorder{refine}", p,
-                            np.asarray(ids, dtype=np.int64), secs, flops,
-                            {"build_seconds": build_s, "family": "ScaNN tree + AH(2, T=.2) + reorder",
-                             "refine": refine})
-            print("  evaluated ScaNN")
+                    add("scann", f"ScaNN AH(2,T=.2)+reorder{refine}", p,
+                        lambda p=p, refine=refine: np.asarray(searcher.search_batched(
+                            q_test, leaves_to_search=p, pre_reorder_num_neighbors=refine)[0], dtype=np.int64),
+                        flops, {"build_seconds": build_s, "family": "ScaNN tree + AH(2, T=.2) + reorder",
+                                "refine": refine})
         except ImportError:
             print("  ScaNN not installed: skipped")
         try:
@@ -336,18 +366,32 @@ def main(argv=None) -> int:
             t0 = time.time()
             h = hnswlib.Index(space="ip", dim=keys.shape[1])
             h.init_index(max_elements=keys.shape[0], M=16, ef_construction=100, random_seed=0)
-            h.set_num_threads(2)
+            h.set_num_threads(build_threads)
             h.add_items(keys, np.arange(keys.shape[0]))
             h.set_num_threads(args.threads)
             build_s = time.time() - t0
-            for ef in (16, 32, 64, 128, 256):
-                h.set_ef(ef)
-                secs, (ids, _) = best_of(lambda: h.knn_query(q_test, k=10), args.repeats)
-                add_row("hnswlib", "hnswlib M16", ef, ids.astype(np.int64), secs, float("nan"),
-                        {"build_seconds": build_s})
-            print("  evaluated hnswlib")
+            print(f"hnswlib build: {build_s:.1f} s")
+            for ef in [int(x) for x in args.hnsw_ef.split(",")]:
+                def run_h(ef=ef):
+                    h.set_ef(ef)
+                    return h.knn_query(q_test, k=10)[0].astype(np.int64)
+                add("hnswlib", "hnswlib M16", ef, run_h, float("nan"),
+                    {"build_seconds": build_s, "family": "hnswlib M=16 (ef sweep)"})
         except ImportError:
             print("  hnswlib not installed: skipped")
+
+    print(f"timing {len(configs)} configurations, interleaved, best of {args.repeats} ...", flush=True)
+    best = [math.inf] * len(configs)
+    results: list[object] = [None] * len(configs)
+    for _ in range(args.repeats):
+        for i, (_, fn) in enumerate(configs):
+            t = time.perf_counter()
+            out = fn()
+            best[i] = min(best[i], time.perf_counter() - t)
+            results[i] = out
+    for (row, _), secs, ids in zip(configs, best, results):
+        quality = evaluate_results(q_t, keys_t, torch.as_tensor(ids).cpu(), gt, k=10)
+        rows.append({**row, **quality, "qps": len(q_test) / secs})
 
     # ---- CSV (long), plot, table
     long_rows = []
@@ -429,7 +473,7 @@ def summarize(rows, nprobes):
             families.setdefault(r["family"], []).append(r)
     if not families:
         return
-    print("\nPQ + exact re-score, best over refine (QPS interpolated on log QPS per refine curve);")
+    print("\nEvery provider (PQ families: best over refine), QPS interpolated on log QPS per curve;")
     print("'fastest measured' = the fastest single configuration with match@1 >= .95:")
     print(f"{'family':60} {'QPS@.90':>8} {'QPS@.95':>8} {'QPS@.97':>8}  fastest measured >= .95")
     for fam, rs in families.items():
@@ -439,6 +483,19 @@ def summarize(rows, nprobes):
         meas = (f"{fast['qps']:,.0f} QPS (nprobe {fast['nprobe']}, refine {fast['refine']}, "
                 f"match@1 {fast['match_at_1']:.4f})") if fast else "-"
         print(f"{fam[:60]:60} " + " ".join(f"{fmt(v, 1, '{:,.0f}'):>8}" for v in cells) + f"  {meas}")
+    at95 = {fam: qps_at(rs, 0.95) for fam, rs in families.items()}
+    ours = {f: v for f, v in at95.items() if f.startswith("amips") and v}
+    theirs = {f: v for f, v in at95.items() if not f.startswith("amips") and v}
+    if ours:
+        f_o = max(ours, key=ours.get)
+        print(f"\nbest amips at match@1 .95: {ours[f_o]:,.0f} QPS ({f_o})")
+    if theirs:
+        f_t = max(theirs, key=theirs.get)
+        print(f"best anchor at match@1 .95: {theirs[f_t]:,.0f} QPS ({f_t})")
+    if ours and theirs:
+        ratio = ours[f_o] / theirs[f_t]
+        print(f"ratio amips-best / anchor-best at .95: {ratio:.2f}x (target >= 1.5x: "
+              f"{'met' if ratio >= 1.5 else 'NOT met'})")
 
 
 def _plot(rows, path, title):
@@ -453,7 +510,7 @@ def _plot(rows, path, title):
         groups.setdefault(r["router"], []).append(r)
     families: dict[str, list[dict]] = {}
     for label, rs in groups.items():
-        if rs[0].get("family"):
+        if rs[0].get("refine"):
             families.setdefault(rs[0]["family"], []).extend(rs)
             if rs[0].get("refine") != 100:  # probe/FLOP panels: the refine-100 sweep of each family
                 continue
@@ -463,7 +520,7 @@ def _plot(rows, path, title):
         if rs[0]["provider"] != "hnswlib":
             axes[0].plot([r["nprobe"] for r in rs], m, style, label=label)
             axes[1].plot([r["flops_per_query"] / 1e6 for r in rs], m, style, label=label)
-        if not rs[0].get("family"):
+        if not rs[0].get("refine"):
             axes[2].plot([r["qps"] for r in rs], m, style, label=label)
     for fam, rs in families.items():  # QPS panel: each PQ family's best frontier over refine
         fr = frontier(rs)

@@ -7,8 +7,9 @@ One interface (the PQ scanner of :mod:`amips.index.pq_scanner` follows it too)::
     flops_per_query(n_codes_scanned, nprobe, reorder) -> float
 
 :class:`ExactScanner` scores every key of the probed lists in full precision with the
-``ivf_scan`` kernel (Triton on CUDA, torch per-list matrix multiplies on CPU); it costs
-2·d FLOPs per key scanned.
+``ivf_scan`` kernel on CUDA and, on CPU, with the engine :func:`amips.index.cpu_engines.exact_engine`
+picks by batch size (list-major matrix products for batches, faiss ``search_preassigned``
+for a few queries); it costs 2·d FLOPs per key scanned.
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ class ExactScanner:
         q = q.to(keys.device)
         probes = check_probes(probe_lists, q.shape[0], self.n_lists, keys.device)
         if keys.device.type == "cpu" and keys_by_list is None:
-            from .cpu_engines import exact_engine  # faiss over these lists, when it applies
+            from .cpu_engines import exact_engine  # list-major products or faiss, by batch size
 
-            engine = exact_engine(self)
+            engine = exact_engine(self, q.shape[0], probes.shape[1])
             if engine is not None:
                 return engine.search(q, probes, k)
         offsets = self.list_offsets.to(keys.device)
