@@ -162,10 +162,10 @@ class BatchedExactEngine:
     reference's cliff on unequal lists):
 
     - k = 1: each pair keeps its maximum (the first, i.e. lowest position, among ties);
-    - small k: a lower bound of every query's k-th score is taken from its first probed
-      list (the exact k-th best there, less a rounding margin), then every list keeps only
-      the scores at or above its queries' bounds: about k candidates per query survive,
-      found with one comparison per score instead of a k-selection per pair;
+    - small k: every probed list is cut into at most 16 runs of keys and each run's best
+      score is kept; a query's k-th largest run maximum (less a rounding margin) is a lower
+      bound of its k-th score, so only the (query, list) pairs whose best run reaches it
+      are scored again and k-selected (few pairs per query survive);
     - otherwise (large k, or nprobe <= 2): a k-selection per pair (ties to the lowest
       position) and a merge of the ``nprobe * k`` candidates.
 
