@@ -279,3 +279,19 @@ def test_bad_inputs(index, data, tmp_path):
         index.search(queries, 10, 2, router=_router_mlp(index, n_heads=index.n_lists + 3))
     with pytest.raises(InputError, match="index.json"):
         IVFIndex.load(tmp_path)
+
+
+def test_search_with_a_model_hashes_the_partitions_once(index, data, monkeypatch):
+    """search(router=model) wraps the model on every call and checks it against the index's
+    partition digests; those are computed once, not per call (it cost 5 ms per query)."""
+    _, queries = data
+    model = _router_mlp(index)
+    index.search(queries[:1], 5, 2, model)
+    calls = []
+    real = type(index).partitions
+    monkeypatch.setattr(type(index), "partitions", property(lambda self: calls.append(1) or real.fget(self)))
+    for _ in range(3):
+        index.search(queries[:1], 5, 2, model)
+    assert calls == []
+    with pytest.raises(amips.InputError, match="another index"):
+        index.search(queries[:1], 5, 2, _router_mlp(index, sha="0" * 64))

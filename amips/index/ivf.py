@@ -250,9 +250,14 @@ class IVFIndex:
 
     @property
     def partitions_digests(self) -> tuple[str, str]:
-        """Digests a router may record: of partitions.npy's bytes, and of the raw int64 array."""
-        raw = hashlib.sha256(np.ascontiguousarray(self.partitions.numpy()).tobytes()).hexdigest()
-        return (self.partitions_sha256, raw)
+        """Digests a router may record: of partitions.npy's bytes, and of the raw int64 array.
+        Computed once (the lists of an index never change): ``search(router=model)`` wraps
+        the model on every call and checks it against these."""
+        cached = getattr(self, "_partitions_digests", None)
+        if cached is None:
+            raw = hashlib.sha256(np.ascontiguousarray(self.partitions.numpy()).tobytes()).hexdigest()
+            cached = self._partitions_digests = (self.partitions_sha256, raw)
+        return cached
 
     def keys(self) -> torch.Tensor:
         """The keys in original order (fp32 copy)."""
