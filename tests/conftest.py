@@ -51,3 +51,10 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def torch_backend(monkeypatch):
+    """Searches compared against "the torch path" use the torch reference, not the Triton
+    interpreter."""
+    monkeypatch.setenv("AMIPS_BACKEND", "torch")

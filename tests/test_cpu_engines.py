@@ -4,6 +4,7 @@ The PQ engine's contract is tested in test_cpu_pq_engine.py."""
 
 import pytest
 import torch
+from _topk import assert_same_topk
 
 from amips import InputError
 from amips.index import IVFIndex
@@ -11,29 +12,7 @@ from amips.index import cpu_engines as E
 from amips.kernels.ivf_scan import ivf_scan_ref
 
 pytest.importorskip("faiss")
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _assert_same_topk(s_a, p_a, s_b, p_b, atol=1e-4):
-    """Tie-aware: scores equal rank by rank; positions may differ only among equal scores."""
-    fin = torch.isfinite(s_a)
-    assert torch.equal(fin, torch.isfinite(s_b))
-    torch.testing.assert_close(s_a[fin], s_b[fin], rtol=1e-5, atol=atol)
-    assert torch.equal(p_a[~fin], p_b[~fin])
-    for i in range(s_a.shape[0]):
-        n = int(fin[i].sum())
-        if n == 0:
-            continue
-        kth = float(s_a[i, n - 1])
-        sure_a = {int(p) for p, s in zip(p_a[i, :n], s_a[i, :n]) if float(s) > kth + atol}
-        sure_b = {int(p) for p, s in zip(p_b[i, :n], s_b[i, :n]) if float(s) > kth + atol}
-        assert sure_a == sure_b
-
-
-@pytest.fixture(autouse=True)
-def _torch_backend(monkeypatch):
-    # the "torch path" compared against is the torch reference, not the Triton interpreter
-    monkeypatch.setenv("AMIPS_BACKEND", "torch")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "torch_backend")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +45,7 @@ def test_exact_engine_equals_torch_reference(index, k):
     eng = E.FaissExactEngine(index.keys_by_list, index.list_offsets)
     s_f, p_f = eng.search(q, probes, k)
     s_t, p_t = ivf_scan_ref(q, index.keys_by_list, index.list_offsets, E._dedupe(probes), k)
-    _assert_same_topk(s_f, p_f, s_t, p_t)
+    assert_same_topk(s_f, p_f, s_t, p_t)
     assert bool((p_f[1] == -1).all()) and bool(torch.isneginf(s_f[1]).all())
 
 
@@ -77,7 +56,7 @@ def test_index_search_default_engine_and_switches(index, engine):
     engine("auto")
     b = index.search(q, 3, 5)  # 20 queries x 5 probes over 10 lists: >= 8 per list, batched
     assert isinstance(index.exact._cpu_engines["batched"], E.BatchedExactEngine)
-    _assert_same_topk(b[0], b[1], a[0], a[1])
+    assert_same_topk(b[0], b[1], a[0], a[1])
     engine("bogus")
     with pytest.raises(InputError, match="AMIPS_CPU_ENGINE"):
         index.search(q, 3, 5, scanner="pq")
@@ -154,12 +133,12 @@ def test_batched_engine_on_real_valued_keys(index, k):
     probes = torch.randint(0, 10, (50, 5), generator=g)
     s, p = E.BatchedExactEngine(index.keys_by_list, index.list_offsets).search(q, probes, k)
     s_o, p_o = _oracle(q, index.keys_by_list, index.list_offsets, probes, k)
-    _assert_same_topk(s, p, s_o.float(), p_o)
+    assert_same_topk(s, p, s_o.float(), p_o)
     # fp16 storage: products of the stored (rounded) keys, upcast one list at a time
     half = index.keys_by_list.half()
     s_h, p_h = E.BatchedExactEngine(half, index.list_offsets).search(q, probes, k)
     s_ho, p_ho = _oracle(q, half.float(), index.list_offsets, probes, k)
-    _assert_same_topk(s_h, p_h, s_ho.float(), p_ho)
+    assert_same_topk(s_h, p_h, s_ho.float(), p_ho)
 
 
 def test_exact_engine_choice_rule(index, engine):
@@ -184,4 +163,4 @@ def test_exact_engine_choice_rule(index, engine):
     q = torch.randn(40, index.d, generator=torch.Generator().manual_seed(11))
     batch = index.search(q, 4, 3)
     single = [index.search(q[i:i + 1], 4, 3) for i in range(q.shape[0])]
-    _assert_same_topk(batch[0], batch[1], torch.cat([a for a, _ in single]), torch.cat([b for _, b in single]))
+    assert_same_topk(batch[0], batch[1], torch.cat([a for a, _ in single]), torch.cat([b for _, b in single]))

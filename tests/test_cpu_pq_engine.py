@@ -8,37 +8,16 @@ faiss' best R exactly, so when R covers every probed key it equals the torch pat
 
 import pytest
 import torch
+from _topk import assert_same_topk
 
 from amips.index import IVFIndex
 from amips.index import cpu_engines as E
 from amips.kernels.pq_scan import pq_lut
 
 pytest.importorskip("faiss")
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "torch_backend")
 
 NPROBE = 3
-
-
-def _assert_same_topk(s_a, p_a, s_b, p_b, atol=1e-4):
-    """Tie-aware: scores equal rank by rank; positions may differ only among equal scores."""
-    fin = torch.isfinite(s_a)
-    assert torch.equal(fin, torch.isfinite(s_b))
-    torch.testing.assert_close(s_a[fin], s_b[fin], rtol=1e-5, atol=atol)
-    assert torch.equal(p_a[~fin], p_b[~fin])
-    for i in range(s_a.shape[0]):
-        n = int(fin[i].sum())
-        if n == 0:
-            continue
-        kth = float(s_a[i, n - 1])
-        sure_a = {int(p) for p, s in zip(p_a[i, :n], s_a[i, :n]) if float(s) > kth + atol}
-        sure_b = {int(p) for p, s in zip(p_b[i, :n], s_b[i, :n]) if float(s) > kth + atol}
-        assert sure_a == sure_b
-
-
-@pytest.fixture(autouse=True)
-def _torch_backend(monkeypatch):
-    # the "torch path" compared against is the torch reference, not the Triton interpreter
-    monkeypatch.setenv("AMIPS_BACKEND", "torch")
 
 
 def _build(storage="float32", by_residual=True):
@@ -148,13 +127,13 @@ def test_pq_default_reorder_covering_all_equals_torch_path(engine, storage):
         s_t, p_t = index.pq.search(q, route.lists, k, reorder=700, keys_by_list=index.keys_by_list)
         engine("faiss")
         s_f, p_f = index.pq.search(q, route.lists, k, reorder=700, keys_by_list=index.keys_by_list)
-        _assert_same_topk(s_f, p_f, s_t, p_t)
+        assert_same_topk(s_f, p_f, s_t, p_t)
         # through the index too, with ids mapped back
         engine("torch")
         a = index.search(q, k, NPROBE, scanner="pq", reorder=700)
         engine("auto")
         b = index.search(q, k, NPROBE, scanner="pq", reorder=700)
-        _assert_same_topk(b[0], b[1], a[0], a[1])
+        assert_same_topk(b[0], b[1], a[0], a[1])
 
 
 def test_pq_default_reorder_rescores_fast_scan_candidates_exactly(index, engine):
@@ -171,7 +150,7 @@ def test_pq_default_reorder_rescores_fast_scan_candidates_exactly(index, engine)
     order = torch.argsort(cand.clamp_min(0), dim=1, stable=True)
     by_pos_s, by_pos_p = exact.gather(1, order), cand.gather(1, order)
     best = torch.argsort(by_pos_s, dim=1, descending=True, stable=True)[:, :k]
-    _assert_same_topk(s_f, p_f, by_pos_s.gather(1, best).float(), by_pos_p.gather(1, best))
+    assert_same_topk(s_f, p_f, by_pos_s.gather(1, best).float(), by_pos_p.gather(1, best))
     ok = p_f >= 0
     assert bool(ok[:, 0].all())
     ip = torch.einsum("qd,qkd->qk", q.double(), keys[p_f.clamp_min(0)]).float()
