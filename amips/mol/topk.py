@@ -377,6 +377,18 @@ def _averaged_lists(head, qp: QueryParts, cache: ItemCache, kprime: int, search:
 
 # --- the methods (internal ids; exclusion handled per row inside each) ----------------------
 
+def _keep_best(best_s, best_i, s: torch.Tensor, a: int, k2: int):
+    """Fold a block's screen scores ``s`` [r, b - a] (items a..b) into the running best
+    ``k2`` of every row (values and item ids)."""
+    v, i = s.topk(min(k2, s.shape[1]), dim=1)
+    best_s = torch.cat([best_s, v], 1)
+    best_i = torch.cat([best_i, i + a], 1)
+    if best_s.shape[1] > k2:
+        best_s, o = best_s.topk(k2, dim=1)
+        best_i = best_i.gather(1, o)
+    return best_s, best_i
+
+
 def _exact(head, qp, cache, k, excl=None, *, extra: int | None = None,
            screen_margin: float = SCREEN_MARGIN, backend: str = "auto"):
     from ..kernels import _backend
@@ -404,12 +416,7 @@ def _exact(head, qp, cache, k, excl=None, *, extra: int | None = None,
             s = score_all(head, sub, cache, start=a, stop=b)
             if ex is not None:
                 ex.mask_block(s, a, b)
-            v, i = s.topk(min(k2, s.shape[1]), dim=1)
-            best_s = torch.cat([best_s, v], 1)
-            best_i = torch.cat([best_i, i + a], 1)
-            if best_s.shape[1] > k2:
-                best_s, o = best_s.topk(k2, dim=1)
-                best_i = best_i.gather(1, o)
+            best_s, best_i = _keep_best(best_s, best_i, s, a, k2)
         ok, s_k, i_k = _certify(head, sub, cache, best_s, best_i, k, delta, k2 >= n)
         out_s[pending[ok]] = s_k[ok]
         out_i[pending[ok]] = i_k[ok]
@@ -576,12 +583,7 @@ def _bound_max_logit(head, qp, cache, k, excl=None, *, kprime, margin, range_mar
                 ph = phi_from_logits(head, lg, None if qg is None else qg[qi], ig, w)
                 phi = torch.full((r, b - a), float("-inf"), device=dev)
                 phi[qi, ii] = ph
-            v, i = phi.topk(min(k2, b - a), dim=1)
-            best_s = torch.cat([best_s, v], 1)
-            best_i = torch.cat([best_i, i + a], 1)
-            if best_s.shape[1] > k2:
-                best_s, o = best_s.topk(k2, dim=1)
-                best_i = best_i.gather(1, o)
+            best_s, best_i = _keep_best(best_s, best_i, phi, a, k2)
         ok, s_k, i_k = _certify(head, sub, cache, best_s, best_i, k, delta, k2 >= n)
         out_s[pending[ok]] = s_k[ok]
         out_i[pending[ok]] = i_k[ok]
