@@ -297,13 +297,6 @@ def icnn_precision(dtype: torch.dtype, on_cuda: bool, allow_tf32: bool | None = 
     return "tf32" if (on_cuda and dtype == torch.float32 and allow_tf32) else "ieee"
 
 
-def _pow2_at_least(x: int, lo: int) -> int:
-    p = lo
-    while p < x:
-        p *= 2
-    return p
-
-
 def icnn_launch_config(kind: str, m: int, n: int, k: int, precision: str,
                        device: DeviceSpec) -> dict:
     """Block sizes, warps and stages of one ICNN GEMM on ``device`` (pure; audited).
@@ -332,8 +325,8 @@ def icnn_launch_config(kind: str, m: int, n: int, k: int, precision: str,
     else:
         br, bc = 64, (128 if device.capability[0] >= 9 else 64)
         bs, warps, stages = 32, 4, 3
-    bc = min(bc, _pow2_at_least(cols, 16))
-    bs = min(bs, _pow2_at_least(red, 16))
+    bc = min(bc, max(16, triton.next_power_of_2(cols)))
+    bs = min(bs, max(16, triton.next_power_of_2(red)))
     blocks = {"fwd": (br, bc, bs), "bwd_input": (br, bs, bc), "bwd_weight": (bs, br, bc)}[kind]
     return {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "BLOCK_K": blocks[2],
             "num_warps": warps, "num_stages": stages}

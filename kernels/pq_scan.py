@@ -343,13 +343,6 @@ def pq_scan_ref(lut, codes, list_offsets, probe_lists, k, *, bits, bias=None, sc
 # ---------------------------------------------------------------------------------------
 # launcher
 # ---------------------------------------------------------------------------------------
-def _pow2_at_least(x: int, lo: int) -> int:
-    p = lo
-    while p < x:
-        p *= 2
-    return p
-
-
 def pq_scan_launch_config(nq: int, nprobe: int, max_list_len: int, n_bytes: int, k: int,
                           device: DeviceSpec) -> dict:
     """Block sizes, warps, stages and list split of the PQ scan on ``device`` (pure;
@@ -359,7 +352,7 @@ def pq_scan_launch_config(nq: int, nprobe: int, max_list_len: int, n_bytes: int,
     across programs until the grid holds 4 programs per SM (the merge is a top-k)."""
     if k < 1 or k > MAX_TRITON_K:
         raise ValueError(f"k: the kernel handles 1..{MAX_TRITON_K}, got {k}")
-    block_n = _pow2_at_least(k, 64)
+    block_n = max(64, triton.next_power_of_2(k))
     # audited on Triton 3.6 and 3.9, sm_90 and sm_80: 16-byte steps and 8 warps do not
     # spill (4 warps left one value in local memory, 32-byte steps too)
     block_w, warps = 16, 8
