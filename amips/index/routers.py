@@ -44,8 +44,9 @@ class Route:
 def top_lists(scores: torch.Tensor, nprobe: int) -> torch.Tensor:
     """Best ``nprobe`` columns of ``scores`` [nq, L] per row, best first, ties by lower id.
 
-    ``torch.topk`` picks the candidates (a full stable sort of every row costs more than a
-    small router's forward on CPU); rows where the nprobe-th score is tied with a column
+    A partial selection picks the candidates (numpy ``argpartition`` on CPU, ``torch.topk``
+    elsewhere; a full stable sort of every row costs more than a small router's forward on
+    CPU); rows where the nprobe-th score is tied with a column
     left out are redone with a stable sort, so the result is exactly the stable order.
     """
     n_lists = scores.shape[1]
