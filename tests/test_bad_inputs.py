@@ -145,6 +145,8 @@ CLI_CASES = [
     ("build-keys-nan", BUILD + ["--keys", "{nan}"], "index build", "keys"),
     ("build-keys-1d", BUILD + ["--keys", "{one_d}"], "index build", "keys"),
     ("build-n-lists-0", ["index", "build", "--keys", "{keys}", "--n-lists", "0", "--out", "{tmp}/out"], "index build", "n-lists"),
+    ("build-threshold-above-1", BUILD + ["--keys", "{keys}", "--pq-subspaces", "4", "--anisotropic-threshold", "1.5"],
+     "index build", "anisotropic_threshold"),
     ("build-n-lists-too-many", ["index", "build", "--keys", "{keys}", "--n-lists", "999", "--out", "{tmp}/out"], "index build", "n-lists"),
     ("build-device-gpu", BUILD + ["--keys", "{keys}", "--device", "gpu"], "index build", "device"),
     ("build-partitions-missing", BUILD + ["--keys", "{keys}", "--partitions", "{missing}"], "index build", "partitions"),
@@ -517,3 +519,11 @@ def test_resume_on_other_queries_is_refused(ws, tmp_path, capsys):
                "--eval-every", "3", "--val-fraction", "0.25", "--device", "cpu", "--quiet",
                "--width", "8", "--depth", "1"])
     _one_line_error(capsys, rc, "train", "queries: the run in")
+
+
+def test_index_build_refuses_a_bad_threshold_before_its_kmeans(ws, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["index", "build", "--keys", str(ws["keys"]), "--n-lists", "4", "--out", str(out),
+               "--pq-subspaces", "4", "--anisotropic-threshold", "1.0"])
+    _one_line_error(capsys, rc, "index build", "anisotropic_threshold")
+    assert not (out / "partitions.npy").exists()  # refused up front, no k-means ran

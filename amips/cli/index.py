@@ -127,6 +127,10 @@ def run_build(args: argparse.Namespace) -> int:
     fp = _fingerprint(args, keys_np)
     say = (lambda *a: None) if args.quiet else print
     partitions = centroids = None
+    if args.pq_subspaces:
+        from ..index.pq_scanner import check_threshold
+
+        check_threshold(args.anisotropic_threshold)  # before the k-means, not after it
     if partitions_in is not None:
         partitions = partitions_in
     elif (

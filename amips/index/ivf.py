@@ -160,6 +160,10 @@ class IVFIndex:
         if storage_dtype not in _STORAGE:
             raise InputError(f"storage_dtype: expected one of {sorted(_STORAGE)}, got {storage_dtype!r}")
         dev = torch.device(device) if device is not None else x.device
+        if pq_subspaces:
+            from .pq_scanner import check_threshold
+
+            check_threshold(anisotropic_threshold)  # before the k-means, not after it
         t0 = time.time()
         if partitions is None:
             if centroids is not None:

@@ -55,6 +55,19 @@ def _check_offsets(list_offsets, n_rows: int) -> torch.Tensor:
     return off
 
 
+def check_threshold(threshold) -> float | None:
+    """The score-aware threshold T as a float in [0, 1), or None (plain PQ)."""
+    if threshold is None:
+        return None
+    t = float(threshold)
+    if not math.isfinite(t) or t < 0 or t >= 1:
+        raise InputError(
+            f"anisotropic_threshold: must be a finite number in [0, 1) (a cosine, "
+            f"relative to each key's norm) or None, got {t}"
+        )
+    return t
+
+
 class PQScanner:
     """Product-quantized list scanner (4- or 8-bit codes, reconstruction or score-aware)."""
 
@@ -93,14 +106,7 @@ class PQScanner:
             raise InputError(
                 f"centroids: expected {off.numel() - 1} rows (one per list), got {cents.shape[0]}"
             )
-        if anisotropic_threshold is not None:
-            t = float(anisotropic_threshold)
-            if not math.isfinite(t) or t < 0 or t >= 1:
-                raise InputError(
-                    f"anisotropic_threshold: must be a finite number in [0, 1) (a cosine, "
-                    f"relative to each key's norm) or None, got {t}"
-                )
-            anisotropic_threshold = t
+        anisotropic_threshold = check_threshold(anisotropic_threshold)
         iters = check_positive_int(iters, "iters")
         target = keys
         if by_residual:
