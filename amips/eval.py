@@ -75,8 +75,11 @@ def evaluate(
     repeats: int = 3,
     qps_single: int = 200,
     label: str | None = None,
+    probe_margin: float | None = None,
 ) -> list[dict]:
-    """Quality, FLOPs and speed of ``index.search`` for every nprobe (see module docstring)."""
+    """Quality, FLOPs and speed of ``index.search`` for every nprobe (see module docstring).
+    ``probe_margin``: adaptive probing (``IVFIndex.search``); nprobe is then the most lists a
+    query probes and ``lists_per_query`` the mean it did."""
     q = check_matrix(to_tensor(queries, "queries"), "queries", dim=index.d).float()
     k = check_positive_int(k, "k")
     nprobes = parse_nprobes(nprobes, index.n_lists)
@@ -90,14 +93,17 @@ def evaluate(
     dev = index.device
     qd = q.to(dev)
     rows = []
+    opts = {"scanner": scanner, "reorder": reorder, "probe_margin": probe_margin}
     for nprobe in nprobes:
-        scores, ids, info = index.search(qd, k, nprobe, rt, scanner=scanner, reorder=reorder, return_info=True)
+        scores, ids, info = index.search(qd, k, nprobe, rt, return_info=True, **opts)
         quality = evaluate_results(q, keys, ids.cpu(), gt, k=k)
         row = {
             "router": name,
             "scanner": info.scanner,
             "nprobe": nprobe,
             "reorder": int(reorder),
+            "probe_margin": probe_margin,
+            "lists_per_query": float((info.lists >= 0).sum(1).double().mean()) if q.shape[0] else 0.0,
             **quality,
             "keys_scanned_per_query": info.keys_scanned_per_query,
             "router_flops_per_query": info.router_flops_per_query,
@@ -105,14 +111,14 @@ def evaluate(
             "flops_per_query": info.flops_per_query,
         }
         if repeats > 0:
-            secs = time_search(lambda nprobe=nprobe: index.search(qd, k, nprobe, rt, scanner=scanner, reorder=reorder), repeats, dev)
+            secs = time_search(lambda nprobe=nprobe: index.search(qd, k, nprobe, rt, **opts), repeats, dev)
             row["qps"] = q.shape[0] / secs
         if qps_single > 0:
             m = min(qps_single, q.shape[0])
 
             def one_at_a_time(nprobe=nprobe, m=m):
                 for i in range(m):
-                    index.search(qd[i : i + 1], k, nprobe, rt, scanner=scanner, reorder=reorder)
+                    index.search(qd[i : i + 1], k, nprobe, rt, **opts)
 
             row["qps_single"] = m / time_search(one_at_a_time, 1, dev)
         row["device"] = str(dev)
@@ -127,6 +133,7 @@ def format_table(rows: list[dict], columns=None) -> str:
     columns = columns or [
         ("router", "router", "{}"),
         ("nprobe", "nprobe", "{}"),
+        ("lists_per_query", "lists/q", "{:.2f}"),
         ("match_at_1", "match@1", "{:.3f}"),
         ("recall_at_10", "recall@10", "{:.3f}"),
         ("mrr", "MRR", "{:.3f}"),

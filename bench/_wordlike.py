@@ -11,6 +11,11 @@ and queries from one such distribution:
   common mean direction and a decaying spectrum (a few strong directions);
 - every vector's norm multiplied by a lognormal factor (``norm_sigma``), the "natural
   norms" of word vectors; queries are held-out draws from the same mixture (other words).
+
+The defaults give a set on which centroid routing is easier than on real word vectors
+(match@1 .84 at nprobe 32 of 548 lists); ``spread=(1.0, 2.0)`` widens every cluster until
+it is .72, near the .736 issue 13 reports for 301,479 real word vectors x 100. ``decay``
+is the exponent of the spectrum (lower = flatter, more directions that matter).
 """
 
 from __future__ import annotations
@@ -19,15 +24,16 @@ import numpy as np
 
 
 def word_vector_like(n_keys: int, n_queries: int, d: int = 100, *, n_clusters: int = 2000,
-                     zipf: float = 1.1, norm_sigma: float = 0.35, seed: int = 0):
+                     zipf: float = 1.1, norm_sigma: float = 0.35, decay: float = 0.5,
+                     spread: tuple[float, float] = (0.35, 0.8), seed: int = 0):
     """``(keys [n_keys, d], queries [n_queries, d])`` float32, both from one mixture."""
     rng = np.random.default_rng(seed)
-    spectrum = (1.0 + np.arange(d)) ** -0.5
+    spectrum = (1.0 + np.arange(d)) ** -decay
     basis, _ = np.linalg.qr(rng.standard_normal((d, d)))
     mean = rng.standard_normal(d)
     mean *= 1.2 / np.linalg.norm(mean)
     centres = (rng.standard_normal((n_clusters, d)) * spectrum) @ basis.T + mean
-    spread = rng.uniform(0.35, 0.8, size=n_clusters)
+    spread = rng.uniform(spread[0], spread[1], size=n_clusters)
     weights = (1.0 + np.arange(n_clusters)) ** -zipf
     weights /= weights.sum()
 

@@ -4,16 +4,18 @@ On a dataset folder (default ../shared/data/wordnet), or a generated set (``--wo
 the natural-norm word-vector-like set of bench/_wordlike.py; ``--synthetic N``): one
 spherical k-means IVF index (about sqrt(n) lists), searched with
 - amips through ``index.search`` (router cost included): the exact scanner (the CPU
-  default engine, chosen by batch size) and the PQ scanner (d/2 subspaces x 4 bits, plain
+  default engine, chosen by batch size) and the PQ scanner (``--pq-subspaces M`` x 4 bits,
+  default d/2, plain
   or score-aware codes with ``--pq-threshold``, exact re-score of ``--refine`` candidates),
   each routed by the centroids and by the learned routers: the multi-head router
   (router-mlp, one head per list), the convex multi-head SupportNet (both regress the
   per-list support values with the focus-weighted MSE of ``amips.train``), and KeyNet
   substitution / route-only (exact scanner);
 - anchors, all on CPU: faiss IndexIVFFlat on the SAME lists (its own centroid routing),
-  faiss IndexIVFPQFastScan (4-bit, d/2 subspaces, by residual, same lists) +
-  IndexRefineFlat, ScaNN (tree, spherical, score_ah(2, T=0.2), reorder R) and hnswlib
-  (M=16, ef sweep ``--hnsw-ef``), when installed.
+  faiss IndexIVFPQFastScan (4-bit, the same M subspaces, by residual, same lists) +
+  IndexRefineFlat, ScaNN (tree, spherical, score_ah(d/M, T=0.2), reorder R) and hnswlib
+  (M=16, ef sweep ``--hnsw-ef``), when installed. ``--router-bf16`` adds every multi-head
+  router again with bf16 list scores.
 Every configuration of every provider runs in one timing loop, interleaved (each round
 calls every configuration once), best of ``--repeats``, with the same thread count
 (default 1), queries in one batch, k = 10. PQ-like families are swept over nprobe and R
@@ -152,13 +154,23 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="router-mlp,supportnet,keynet", help="learned routers to train/evaluate "
                     "(router-mlp, supportnet, keynet)")
     ap.add_argument("--no-anchors", action="store_true")
+    ap.add_argument("--router-width", type=int, default=None,
+                    help="router-mlp hidden width (default 256; a narrower router costs less per query)")
+    ap.add_argument("--router-bf16", action="store_true",
+                    help="also time every multi-head router with bf16 list scores (IVFIndex.router(..., dtype='bf16'))")
     ap.add_argument("--refine", default="20,50,100", help="PQ providers: exact re-scores swept")
     ap.add_argument("--pq-nprobe", default="4,8,12,16,24,32,48,64,96", help="PQ providers: lists probed")
     ap.add_argument("--max-test", type=int, default=None)
     ap.add_argument("--no-pq", dest="pq", action="store_false", help="skip amips' PQ scanner rows")
     ap.add_argument("--pq-threshold", type=lambda v: None if v.lower() == "none" else float(v), default=None,
-                    help="amips PQ (d/2 subspaces x 4 bits): score-aware threshold T of the codes, or none "
+                    help="amips PQ (M subspaces x 4 bits): score-aware threshold T of the codes, or none "
                          "(default: plain codes; the score-aware assignment is slow on 2 CPU cores)")
+    ap.add_argument("--pq-subspaces", type=int, default=None,
+                    help="PQ families (amips, faiss IVF-PQ; ScaNN gets d/M dimensions per block): M x 4-bit "
+                         "codes (default d/2)")
+    ap.add_argument("--probe-margins", default="0.15,0.3,0.5",
+                    help="learned routers, PQ scanner: also time adaptive probing (probe_margin) at these "
+                         "quantiles of the training queries' top-2 router score gap ('' = off)")
     ap.add_argument("--hnsw-ef", default="16,32,64,128,256,512", help="hnswlib: ef values swept")
     ap.add_argument("--device", default="cpu", help="cpu or cuda: where the index, routers and training run "
                     "(on cuda only amips rows: the anchors are CPU libraries)")
@@ -168,6 +180,10 @@ def main(argv=None) -> int:
     ap.add_argument("--wordlike", type=int, default=None, metavar="N_KEYS",
                     help="instead of --data: a seeded word-vector-like set (bench/_wordlike.py: natural "
                          "norms, clusters of very unequal size) of N_KEYS x 100, 40,000 train / 3,000 test queries")
+    ap.add_argument("--wordlike-spread", default=None, metavar="LO,HI",
+                    help="--wordlike: the clusters' spread range (default 0.35,0.8; 1.0,2.0 puts centroid "
+                         "routing's match@1 at nprobe 32 of 548 lists at .72, near the .736 the issue "
+                         "reports for real word vectors)")
     ap.add_argument("--from-csv", default=None, help="only re-print the tables of a previous run's CSV")
     args = ap.parse_args(argv)
     if args.from_csv:
@@ -197,9 +213,12 @@ def main(argv=None) -> int:
 
         from _wordlike import word_vector_like
 
-        wk, wq = word_vector_like(args.wordlike, 43_000, 100, seed=0)
+        extra, name = {}, f"wordlike{args.wordlike}"
+        if args.wordlike_spread:
+            lo, hi = (float(x) for x in args.wordlike_spread.split(","))
+            extra, name = {"spread": (lo, hi)}, f"{name}-spread{lo:g}-{hi:g}"
+        wk, wq = word_vector_like(args.wordlike, 43_000, 100, seed=0, **extra)
         ds = SimpleNamespace(keys=wk, queries_train=wq[:40_000], queries_test=wq[40_000:])
-        name = f"wordlike{args.wordlike}"
     elif args.synthetic:
         ds = amips.data.synthetic(args.synthetic, 110_000, 384, n_clusters=max(64, args.synthetic // 2000),
                                   test_fraction=10_000 / 110_000, seed=0)
@@ -254,6 +273,8 @@ def main(argv=None) -> int:
         for kind in [m for m in args.models.split(",") if m]:
             width, depth = {"router-mlp": (256, 2), "supportnet": (128, 2), "keynet": (256, 2)}[kind]
             run = out_dir / f"run-{kind}-{n_lists}"
+            if kind == "router-mlp" and args.router_width and args.router_width != width:
+                width, run = args.router_width, out_dir / f"run-{kind}-{n_lists}-w{args.router_width}"
             t0 = time.time()
             model, info = train_model(kind, keys, q_train, run, index_dir / "partitions.npy", steps, minutes, width,
                                       depth, labels_dir, device=device)
@@ -265,6 +286,8 @@ def main(argv=None) -> int:
                 routers["keynet-route-only"] = "keynet-route:" + str(run)
             else:
                 routers[f"{kind}-heads"] = ("router:" if kind == "router-mlp" else "supportnet:") + str(run)
+                if args.router_bf16:
+                    routers[f"{kind}-heads-bf16"] = (routers[f"{kind}-heads"], "bf16")
         set_threads(args.threads)
 
     rows: list[dict] = []   # wide rows for tables and plots
@@ -274,6 +297,9 @@ def main(argv=None) -> int:
     d = index.d
     sizes = index.list_sizes
     refines = [int(x) for x in args.refine.split(",") if x]
+    m_sub = args.pq_subspaces or d // 2
+    if d % m_sub:
+        raise SystemExit(f"--pq-subspaces: {m_sub} does not divide d = {d}")
     pq_nprobes = [p for p in (int(x) for x in args.pq_nprobe.split(",")) if p <= n_lists]
     # Every configuration of every provider is a (row, call) pair; all calls run in one
     # process, interleaved (round r calls every configuration once), best of --repeats.
@@ -283,27 +309,31 @@ def main(argv=None) -> int:
         configs.append(({"provider": provider, "router": label, "nprobe": param, "flops_per_query": flops,
                          "refine": 0, "family": label, **(extra or {})}, fn))
 
+    def router_of(spec):
+        return index.router(*spec[:1], dtype=spec[1]) if isinstance(spec, tuple) else index.router(spec)
+
     for label, spec in routers.items():
-        rt = index.router(spec)  # loaded once; its cost per query is in every timed call
+        rt = router_of(spec)  # loaded once; its cost per query is in every timed call
         for p in nprobes:
             flops = index.flops_per_query(q_dev, p, rt)
             add("amips-exact", label, p, lambda p=p, rt=rt: index.search(q_dev, 10, p, rt)[1], flops,
                 {"family": f"amips exact / {label}"})
     if args.pq:
-        pq_dir = out_dir / f"index-{n_lists}-pq{d // 2}x4-T{args.pq_threshold}"
+        pq_dir = out_dir / f"index-{n_lists}-pq{m_sub}x4-T{args.pq_threshold}"
         if index.pq is None and (pq_dir / "index.json").exists():
             index.pq = IVFIndex.load(pq_dir, device=device).pq  # same lists: built from index_dir's
         if index.pq is None:
             t0 = time.time()
             set_threads(build_threads)
-            index.train_pq(subspaces=d // 2, bits=4, anisotropic_threshold=args.pq_threshold, seed=0)
+            index.train_pq(subspaces=m_sub, bits=4, anisotropic_threshold=args.pq_threshold, seed=0)
             set_threads(args.threads)
-            print(f"amips PQ ({d // 2} subspaces x 4 bits, T={args.pq_threshold}): {time.time() - t0:.1f} s")
+            print(f"amips PQ ({m_sub} subspaces x 4 bits, T={args.pq_threshold}): {time.time() - t0:.1f} s")
             index.save(pq_dir)
         for label, spec in routers.items():
-            if label not in ("centroid", "router-mlp-heads", "supportnet-heads"):
+            if label not in ("centroid", "router-mlp-heads", "supportnet-heads", "router-mlp-heads-bf16",
+                             "supportnet-heads-bf16"):
                 continue
-            rt = index.router(spec)
+            rt = router_of(spec)
             for refine in refines:
                 for p in pq_nprobes:
                     info = index.search(q_dev[:256], 10, p, rt, scanner="pq", reorder=refine, return_info=True)[2]
@@ -311,8 +341,33 @@ def main(argv=None) -> int:
                         lambda p=p, rt=rt, refine=refine: index.search(q_dev, 10, p, rt, scanner="pq",
                                                                         reorder=refine)[1],
                         info.router_flops_per_query + info.scan_flops_per_query,
-                        {"family": f"amips PQ({d // 2}x4, T={args.pq_threshold}) + reorder / {label}",
+                        {"family": f"amips PQ({m_sub}x4, T={args.pq_threshold}) + reorder / {label}",
                          "refine": refine})
+
+    if args.pq and args.probe_margins and q_train is not None:
+        # adaptive probing (index.search(..., probe_margin=δ)): each δ is a quantile of the
+        # TRAINING queries' gap between their best and second-best router score, i.e. about
+        # that fraction of queries probes more than one list
+        fracs = [float(x) for x in args.probe_margins.split(",") if x]
+        q_gap = torch.from_numpy(q_train[:4000]).to(device)
+        for label, spec in routers.items():
+            if label not in ("router-mlp-heads", "supportnet-heads", "router-mlp-heads-bf16", "supportnet-heads-bf16"):
+                continue
+            rt = router_of(spec)
+            top2 = torch.topk(rt.list_scores(q_gap)[0], 2, dim=1).values.double()
+            gap = (top2[:, 0] - top2[:, 1]).cpu()
+            for frac in fracs:
+                delta = float(torch.quantile(gap, frac))
+                for refine in [r for r in refines if r <= 50]:
+                    for p in [p for p in pq_nprobes if 2 <= p <= 8]:
+                        info = index.search(q_dev[:256], 10, p, rt, scanner="pq", reorder=refine,
+                                            probe_margin=delta, return_info=True)[2]
+                        add("amips-pq", f"amips PQ+reorder{refine}+margin{frac:g} / {label}", p,
+                            lambda p=p, rt=rt, refine=refine, delta=delta: index.search(
+                                q_dev, 10, p, rt, scanner="pq", reorder=refine, probe_margin=delta)[1],
+                            info.router_flops_per_query + info.scan_flops_per_query,
+                            {"family": f"amips PQ({m_sub}x4, T={args.pq_threshold}) + reorder / {label}",
+                             "refine": refine})
 
     if anchors:
         # faiss IVFFlat on our lists, faiss' own routing (IndexFlatIP over our centroids)
@@ -326,8 +381,8 @@ def main(argv=None) -> int:
                 return fflat.search(q_test, 10)[1]
             add("faiss-ivfflat", "faiss IVFFlat", p, run_flat, 2 * n_lists * d + 2 * d * scanned,
                 {"family": "faiss IVFFlat (same lists)"})
-        # faiss alone: IVF-PQ fast-scan (d/2 x 4 bits, by residual, same lists) + IndexRefineFlat
-        fpq = FaissIVF(index, "pqfs", pq_subspaces=d // 2)
+        # faiss alone: IVF-PQ fast-scan (the same M x 4 bits, by residual, same lists) + IndexRefineFlat
+        fpq = FaissIVF(index, "pqfs", pq_subspaces=m_sub)
         native = faiss.IndexRefineFlat(fpq.faiss_index, faiss.swig_ptr(np.ascontiguousarray(keys)))
         for refine in refines:
             for p in pq_nprobes:
@@ -345,18 +400,18 @@ def main(argv=None) -> int:
             searcher = (scann.scann_ops_pybind.builder(keys, 10, "dot_product")
                         .tree(num_leaves=n_lists, num_leaves_to_search=8, training_sample_size=keys.shape[0],
                               spherical=True)
-                        .score_ah(2, anisotropic_quantization_threshold=0.2)
+                        .score_ah(d // m_sub, anisotropic_quantization_threshold=0.2)
                         .reorder(max(refines)).build())
             build_s = time.time() - t0
             print(f"ScaNN build: {build_s:.1f} s")
             for refine in refines:
                 for p in pq_nprobes:
                     scanned = float(sizes.double().mean()) * p  # approximate: ScaNN's own lists
-                    flops = 2 * n_lists * d + 2 * d * 16 + (d / 2) * scanned + 2 * d * refine
-                    add("scann", f"ScaNN AH(2,T=.2)+reorder{refine}", p,
+                    flops = 2 * n_lists * d + 2 * d * 16 + m_sub * scanned + 2 * d * refine
+                    add("scann", f"ScaNN AH({d // m_sub},T=.2)+reorder{refine}", p,
                         lambda p=p, refine=refine: np.asarray(searcher.search_batched(
                             q_test, leaves_to_search=p, pre_reorder_num_neighbors=refine)[0], dtype=np.int64),
-                        flops, {"build_seconds": build_s, "family": "ScaNN tree + AH(2, T=.2) + reorder",
+                        flops, {"build_seconds": build_s, "family": f"ScaNN tree + AH({d // m_sub}, T=.2) + reorder",
                                 "refine": refine})
         except ImportError:
             print("  ScaNN not installed: skipped")
@@ -434,12 +489,12 @@ def rows_from_csv(path):
 
 
 def qps_at(rows, target):
-    """QPS at match@1 = target of a PQ family: the best of its per-refine curves (each
-    interpolated on log QPS between its measured nprobe points)."""
-    by_refine: dict[int, list[dict]] = {}
+    """QPS at match@1 = target of a PQ family: the best of its curves, one per refine (and
+    probe margin), each interpolated on log QPS between its measured nprobe points."""
+    curves: dict[str, list[dict]] = {}  # one per label: a refine (and probe margin), over nprobe
     for r in rows:
-        by_refine.setdefault(r["refine"], []).append(r)
-    vals = [v for rs in by_refine.values() if (v := interp_at(rs, "qps", target)) is not None]
+        curves.setdefault(r["router"], []).append(r)
+    vals = [v for rs in curves.values() if (v := interp_at(rs, "qps", target)) is not None]
     return max(vals) if vals else None
 
 
@@ -480,7 +535,10 @@ def summarize(rows, nprobes):
         cells = [qps_at(rs, t) for t in (0.90, 0.95, 0.97)]
         ok = [r for r in rs if r["match_at_1"] >= 0.95]
         fast = max(ok, key=lambda r: r["qps"]) if ok else None
-        meas = (f"{fast['qps']:,.0f} QPS (nprobe {fast['nprobe']}, refine {fast['refine']}, "
+        margin = ""
+        if fast and "+margin" in fast["router"]:
+            margin = f", probe margin at gap quantile {fast['router'].split('+margin')[1].split(' ')[0]}"
+        meas = (f"{fast['qps']:,.0f} QPS (nprobe {fast['nprobe']}, refine {fast['refine']}{margin}, "
                 f"match@1 {fast['match_at_1']:.4f})") if fast else "-"
         print(f"{fam[:60]:60} " + " ".join(f"{fmt(v, 1, '{:,.0f}'):>8}" for v in cells) + f"  {meas}")
     at95 = {fam: qps_at(rs, 0.95) for fam, rs in families.items()}

@@ -118,3 +118,33 @@ def test_pq_scanner_integration(files, tmp_path):
     a = index.search(q, 5, 2, scanner="pq")
     b = loaded.search(q, 5, 2, scanner="pq")
     assert torch.equal(a[1], b[1])
+
+
+def test_cli_eval_bf16_router(tmp_path, capsys):
+    """`amips eval --router router:RUN --router-dtype bf16` scores lists with a bf16 copy of
+    the model; the row says so and its match@1 sits near the fp32 router's."""
+    rng = np.random.default_rng(7)
+    np.save(tmp_path / "k.npy", rng.standard_normal((400, 8)).astype(np.float32))
+    np.save(tmp_path / "q.npy", rng.standard_normal((64, 8)).astype(np.float32))
+    assert main(["index", "build", "--keys", str(tmp_path / "k.npy"), "--n-lists", "6",
+                 "--out", str(tmp_path / "ix"), "--quiet"]) == 0
+    assert main(["train", "--keys", str(tmp_path / "k.npy"), "--queries", str(tmp_path / "q.npy"),
+                 "--model", "router-mlp", "--partitions", str(tmp_path / "ix" / "partitions.npy"),
+                 "--out", str(tmp_path / "run"), "--steps", "20", "--batch-size", "32", "--noise", "0",
+                 "--device", "cpu", "--quiet", "--width", "16", "--depth", "1"]) == 0
+    rows = {}
+    for dtype in ("fp32", "bf16"):
+        js = tmp_path / f"{dtype}.json"
+        assert main(["eval", "--index", str(tmp_path / "ix"), "--queries", str(tmp_path / "q.npy"),
+                     "--router", f"router:{tmp_path / 'run'}", "--router", "centroid", "--router-dtype", dtype,
+                     "--nprobe", "1,6", "--repeats", "0", "--single", "0", "--json", str(js)]) == 0
+        rows[dtype] = json.loads(js.read_text())["results"]
+    labels = [r["router"] for r in rows["bf16"]]
+    assert "router (bf16)" in labels and "centroid" in labels  # centroid routing stays fp32
+    by = {d: {(r["router"].split(" ")[0], r["nprobe"]): r["match_at_1"] for r in rows[d]} for d in rows}
+    assert by["bf16"][("router", 6)] == 1.0
+    assert abs(by["bf16"][("router", 1)] - by["fp32"][("router", 1)]) <= 0.1
+    assert by["bf16"][("centroid", 1)] == by["fp32"][("centroid", 1)]
+    assert main(["eval", "--index", str(tmp_path / "ix"), "--queries", str(tmp_path / "q.npy"),
+                 "--router-dtype", "fp16"]) == 2
+    assert "router-dtype" in capsys.readouterr().err

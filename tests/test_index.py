@@ -125,6 +125,17 @@ def test_top_lists_is_the_stable_order_under_ties():
         ref = torch.argsort(torch.nan_to_num(scores, nan=float("-inf")), dim=1, descending=True,
                             stable=True)[:, :nprobe]
         assert torch.equal(top_lists(scores, nprobe), ref)
+    # router-sized rows: both selection paths (topk up to 4 lists, argpartition beyond), with
+    # ties planted across the cut and inside the selection, and -inf rows
+    scores = torch.randn(64, 548, generator=g)
+    scores[1, :10] = 5.0  # ten-way tie at the top: every nprobe < 10 cuts through it
+    scores[2, 7], scores[2, 300] = 4.0, 4.0  # a tie inside the selection
+    scores[3] = float("-inf")
+    scores[4, 500:] = float("nan")
+    for nprobe in (1, 2, 3, 4, 5, 8, 32, 100, 547, 548):
+        ref = torch.argsort(torch.nan_to_num(scores, nan=float("-inf")), dim=1, descending=True,
+                            stable=True)[:, :nprobe]
+        assert torch.equal(top_lists(scores, nprobe), ref), nprobe
 
 
 def test_routers_return_valid_ordered_lists(index, data):
@@ -295,3 +306,73 @@ def test_search_with_a_model_hashes_the_partitions_once(index, data, monkeypatch
     assert calls == []
     with pytest.raises(amips.InputError, match="another index"):
         index.search(queries[:1], 5, 2, _router_mlp(index, sha="0" * 64))
+
+
+def test_bf16_router_scores_lists_with_a_bf16_copy(index, data):
+    """dtype='bf16': the list scores come from a bf16 copy of the model (the model itself
+    stays fp32), close to the fp32 scores, and the routes mostly agree; bad dtypes and
+    non-model routers are refused by name."""
+    _, queries = data
+    q = torch.from_numpy(queries)
+    model = _router_mlp(index)
+    with torch.no_grad():
+        model.out.weight.normal_(0, 0.5)
+    fp32, bf16 = index.router(model), index.router(model, dtype="bf16")
+    assert bf16.describe().endswith("(bf16)") and fp32.describe() == "router-mlp"
+    assert next(model.parameters()).dtype == torch.float32
+    s32, _ = fp32.list_scores(q)
+    s16, _ = bf16.list_scores(q)
+    assert s16.dtype == torch.float32 and not torch.equal(s16, s32)
+    scale = s32.abs().max()
+    assert float((s16 - s32).abs().max()) <= 0.05 * float(scale)
+    l32, l16 = fp32.route(q, 4).lists, bf16.route(q, 4).lists
+    assert float((l32[:, 0] == l16[:, 0]).float().mean()) >= 0.9
+    # the search path takes it like any router
+    _, ids = index.search(q[:20], 5, 4, bf16)
+    assert ids.shape == (20, 5) and bool((ids >= 0).all())
+    with pytest.raises(InputError, match="dtype"):
+        index.router(model, dtype="fp16")
+    with pytest.raises(InputError, match="dtype"):
+        index.router("centroid", dtype="bf16")
+    with pytest.raises(InputError, match="dtype"):
+        index.router(_keynet(index), dtype="bf16")
+    with pytest.raises(InputError, match="dtype"):
+        index.router(fp32, dtype="bf16")
+
+
+def test_probe_margin_probes_only_lists_near_the_best(index, data):
+    """Adaptive probing: of its best nprobe lists a query scans those the router scores
+    within probe_margin of its best list; the search equals a search of exactly those
+    lists, FLOPs and keys scanned count only them, and bad margins are refused by name."""
+    keys, queries = data
+    q = torch.from_numpy(queries)
+    rt = index.router(_router_mlp(index))
+    scores, _ = rt.list_scores(q)
+    full = rt.route(q, 6).lists
+    s = scores.gather(1, full)
+    gaps = (s[:, :1] - s[:, 1:]).flatten()
+    margin = float(gaps.median())
+    lists = index.route(q, 6, rt, probe_margin=margin).lists
+    want = torch.where(s >= s[:, :1] - margin, full, torch.full_like(full, -1))
+    want[:, 0] = full[:, 0]
+    assert torch.equal(lists, want)
+    n_live = (lists >= 0).sum(1)
+    assert int(n_live.min()) >= 1 and 1 < float(n_live.float().mean()) < 6  # adaptive, not all or none
+    # margin 0 keeps the best list (and lists tied with it); a huge margin keeps all nprobe
+    assert torch.equal(index.route(q, 6, rt, probe_margin=0.0).lists[:, 0], full[:, 0])
+    assert torch.equal(index.route(q, 6, rt, probe_margin=1e30).lists, full)
+    # the search is the exact top-k of the kept lists
+    sc, ids, info = index.search(q, 5, 6, rt, probe_margin=margin, return_info=True)
+    ref_s, ref_ids = index.search(q, 5, 6, FixedRouter(lists, index.n_lists, index.d))
+    assert torch.equal(ids, ref_ids) and torch.equal(sc, ref_s)
+    sizes = index.list_sizes
+    scanned = torch.where(lists >= 0, sizes[lists.clamp_min(0)], 0).sum(1).double().mean()
+    assert info.keys_scanned_per_query == pytest.approx(float(scanned))
+    plain = index.search(q, 5, 6, rt, return_info=True)[2]
+    assert info.keys_scanned_per_query < plain.keys_scanned_per_query
+    assert index.flops_per_query(q, 6, rt, probe_margin=margin) < index.flops_per_query(q, 6, rt)
+    for bad in (-1.0, float("nan"), float("inf"), "0.1", True):
+        with pytest.raises(InputError, match="probe_margin"):
+            index.search(q[:3], 5, 6, rt, probe_margin=bad)
+    with pytest.raises(InputError, match="probe_margin"):
+        index.search(q[:3], 5, 2, FixedRouter(full[:3], index.n_lists, index.d), probe_margin=1.0)

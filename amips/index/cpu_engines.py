@@ -373,7 +373,11 @@ class FaissPQEngine:
         if self.by_residual:
             # faiss adds the given <q, centroid> to each residual score (and quantizes it with
             # the tables), so it must be the true centroid score of each probed list
-            dq = (q @ self._centroids_t).gather(1, iq.clamp_min(0))
+            # (for a few lists per query, their centroids' products alone; else one product)
+            if 4 * iq.shape[1] < self._centroids_t.shape[1]:
+                dq = torch.einsum("qd,qpd->qp", q, self._centroids_t.T[iq.clamp_min(0)])
+            else:
+                dq = (q @ self._centroids_t).gather(1, iq.clamp_min(0))
         else:
             dq = torch.zeros(iq.shape, dtype=torch.float32)
         want = max(k, reorder) if reorder > 0 else k
@@ -407,7 +411,7 @@ class FaissPQEngine:
 BATCHED_MIN_QUERIES_PER_LIST = 8.0
 
 
-def exact_engine_kind(nq: int, nprobe: int, n_lists: int, *, key_dtype=torch.float32,
+def exact_engine_kind(nq: int, nprobe: float, n_lists: int, *, key_dtype=torch.float32,
                       faiss_available: bool = True) -> str:
     """Which CPU engine scans a batch for the exact scanner: ``"batched"``, ``"faiss"`` or
     ``"torch"`` (the torch reference ``ivf_scan_ref``), after ``AMIPS_CPU_ENGINE``.
@@ -426,7 +430,7 @@ def exact_engine_kind(nq: int, nprobe: int, n_lists: int, *, key_dtype=torch.flo
     return "batched"
 
 
-def exact_engine(scanner, nq: int | None = None, nprobe: int | None = None):
+def exact_engine(scanner, nq: int | None = None, nprobe: float | None = None):
     """The CPU engine of an ExactScanner for a batch of ``nq`` queries probing ``nprobe``
     lists (each engine built once and kept on the scanner); None for the torch reference.
     Without ``nq``/``nprobe``: the engine for a large batch."""

@@ -51,6 +51,7 @@ from .routers import (
     SupportRouter,
     load_router_model,
     parse_router_spec,
+    router_dtype,
 )
 from .scanners import ExactScanner
 
@@ -279,10 +280,18 @@ class IVFIndex:
         )
 
     # ----------------------------------------------------------------- routing
-    def router(self, router=None) -> Router:
-        """A :class:`Router` for this index from None/'centroid', a spec, a model or a Router."""
+    def router(self, router=None, *, dtype=None) -> Router:
+        """A :class:`Router` for this index from None/'centroid', a spec, a model or a Router.
+
+        ``dtype="bf16"``: a multi-head router (SupportNet, router-mlp) scores the lists with a
+        bf16 copy of its model, ~3x faster on CPUs with AMX or avx512_bf16 for a few lists
+        changed in a thousand queries (bench/RESULTS.md); the default is fp32."""
         if router is None:
             router = "centroid"
+        dt = router_dtype(dtype)
+        if dt != torch.float32 and (isinstance(router, Router) or router == "centroid"):
+            raise InputError("dtype: bf16 list scores are for a multi-head model router (router:DIR, "
+                             "supportnet:DIR or a model), not a centroid router or a built Router")
         if isinstance(router, Router):
             if router.n_lists != self.n_lists or router.d != self.d:
                 raise InputError(
@@ -291,31 +300,34 @@ class IVFIndex:
                 )
             return router
         if isinstance(router, str):
-            if router in self._router_cache:
-                return self._router_cache[router]
+            key = (router, dt)
+            if key in self._router_cache:
+                return self._router_cache[key]
             kind, path = parse_router_spec(router)
             if kind == "centroid":
                 built: Router = CentroidRouter(self.centroids)
             else:
-                built = self._router_from_model(load_router_model(path, self.device), kind)
-            self._router_cache[router] = built
+                built = self._router_from_model(load_router_model(path, self.device), kind, dtype=dt)
+            self._router_cache[key] = built
             return built
         if isinstance(router, torch.nn.Module) or hasattr(router, "score"):
             kind = str(getattr(router, "kind", "supportnet"))
-            return self._router_from_model(router, "keynet" if kind == "keynet" else "supportnet")
+            return self._router_from_model(router, "keynet" if kind == "keynet" else "supportnet", dtype=dt)
         raise InputError(f"router: expected None, a spec string, a model or a Router, got {type(router).__name__}")
 
-    def _router_from_model(self, model, kind: str) -> Router:
+    def _router_from_model(self, model, kind: str, *, dtype=None) -> Router:
         model_d = (getattr(model, "config", {}) or {}).get("d")
         if model_d is not None and int(model_d) != self.d:
             raise InputError(f"router: the model takes d = {model_d}, the index has d = {self.d}")
         check_model_for_index_keys(model, self)
         if kind in ("keynet", "keynet-route"):
+            if router_dtype(dtype) != torch.float32:
+                raise InputError("dtype: bf16 list scores are for a multi-head router, not KeyNet routing")
             return KeyNetRouter(model, self.centroids, scan_with="key" if kind == "keynet" else "query")
-        return SupportRouter(model, self.n_lists, self.d, self.partitions_digests)
+        return SupportRouter(model, self.n_lists, self.d, self.partitions_digests, dtype=dtype)
 
-    def route(self, queries, nprobe: int, router=None) -> Route:
-        return self.router(router).route(self._queries(queries), nprobe)
+    def route(self, queries, nprobe: int, router=None, *, probe_margin=None) -> Route:
+        return self.router(router).route(self._queries(queries), nprobe, probe_margin)
 
     def _queries(self, queries) -> torch.Tensor:
         q = check_matrix(to_tensor(queries, "queries"), "queries", dim=self.d)
@@ -345,6 +357,7 @@ class IVFIndex:
         *,
         scanner: str | None = None,
         reorder: int = 0,
+        probe_margin: float | None = None,
         return_info: bool = False,
     ):
         """Top-k keys (original ids) for every query, probing ``nprobe`` lists chosen by ``router``.
@@ -353,7 +366,9 @@ class IVFIndex:
         where fewer than k keys were scanned), plus a :class:`SearchInfo` with
         ``return_info=True``. ``scanner``: ``"exact"`` (default) or ``"pq"`` (with
         ``reorder`` exact re-scores). With KeyNet substitution the scores are those of the
-        substituted query.
+        substituted query. ``probe_margin``: adaptive probing; a query probes, of its best
+        ``nprobe`` lists, only those the router scores within ``probe_margin`` of its best
+        list (always that one), so confident queries scan fewer lists (default: all nprobe).
         """
         q = self._queries(queries)
         k = check_positive_int(k, "k")
@@ -362,7 +377,7 @@ class IVFIndex:
             raise InputError(f"reorder: expected an integer >= 0, got {reorder!r}")
         rt = self.router(router)
         scan = self._scanner(scanner)
-        route = rt.route(q, nprobe)
+        route = rt.route(q, nprobe, probe_margin)
         if scan is self.exact:
             scores, pos = scan.search(route.scan_queries, route.lists, k)
         else:
@@ -378,7 +393,7 @@ class IVFIndex:
         ids = torch.where(pos >= 0, self.ids[pos.clamp(min=0)], torch.full_like(pos, -1))
         if not return_info:
             return scores, ids
-        scanned = float(self.list_sizes[route.lists].sum(1).double().mean()) if q.shape[0] else 0.0
+        scanned = _scanned(self.list_sizes, route.lists)
         info = SearchInfo(
             nprobe=nprobe,
             router=rt.describe(),
@@ -390,11 +405,12 @@ class IVFIndex:
         )
         return scores, ids, info
 
-    def flops_per_query(self, queries, nprobe: int, router=None, *, scanner=None, reorder: int = 0) -> float:
+    def flops_per_query(self, queries, nprobe: int, router=None, *, scanner=None, reorder: int = 0,
+                        probe_margin=None) -> float:
         """Router plus scan FLOPs per query, with the actual sizes of the lists ``queries`` probe."""
         rt = self.router(router)
-        route = rt.route(self._queries(queries), nprobe)
-        scanned = float(self.list_sizes[route.lists].sum(1).double().mean())
+        route = rt.route(self._queries(queries), nprobe, probe_margin)
+        scanned = _scanned(self.list_sizes, route.lists)
         scan = self._scanner(scanner)
         return float(rt.flops_per_query(nprobe)) + float(scan.flops_per_query(scanned, nprobe, int(reorder)))
 
@@ -507,6 +523,14 @@ class IVFIndex:
         if index.n_keys != cfg["n_keys"] or index.d != cfg["d"] or index.n_lists != cfg["n_lists"]:
             raise InputError(f"index: {root} arrays disagree with index.json")
         return index
+
+
+def _scanned(list_sizes: torch.Tensor, lists: torch.Tensor) -> float:
+    """Mean keys per query in the probed ``lists`` (-1 = not probed)."""
+    if not lists.shape[0]:
+        return 0.0
+    sizes = torch.where(lists >= 0, list_sizes.to(lists.device)[lists.clamp_min(0)], 0)
+    return float(sizes.sum(1).double().mean())
 
 
 def _safetensors_bytes(tensors: dict) -> bytes:

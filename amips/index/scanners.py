@@ -54,7 +54,9 @@ class ExactScanner:
         if keys.device.type == "cpu" and keys_by_list is None:
             from .cpu_engines import exact_engine  # list-major products or faiss, by batch size
 
-            engine = exact_engine(self, q.shape[0], probes.shape[1])
+            # by the (query, list) pairs actually probed (adaptive probing leaves -1s)
+            live = int((probes >= 0).sum()) if probes.numel() else 0
+            engine = exact_engine(self, q.shape[0], live / max(1, q.shape[0]))
             if engine is not None:
                 return engine.search(q, probes, k)
         offsets = self.list_offsets.to(keys.device)

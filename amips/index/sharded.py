@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .._validate import InputError, check_matrix, check_positive_int, to_tensor
-from .ivf import IVFIndex, SearchInfo
+from .ivf import IVFIndex, SearchInfo, _scanned
 
 
 def assign_lists(list_sizes: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -147,7 +147,7 @@ class ShardedIVFIndex:
         return out.to(self.device)
 
     def search(self, queries, k: int = 10, nprobe: int = 8, router=None, *, scanner: str | None = None,
-               reorder: int = 0, return_info: bool = False):
+               reorder: int = 0, probe_margin=None, return_info: bool = False):
         """``IVFIndex.search`` over the lists of every rank (a collective call: every rank
         calls it with the same queries and arguments)."""
         if scanner not in (None, "exact"):
@@ -156,7 +156,7 @@ class ShardedIVFIndex:
         k = check_positive_int(k, "k")
         nprobe = check_positive_int(nprobe, "nprobe", maximum=self.n_lists)
         rt = self.router(router)
-        route = rt.route(q, nprobe)
+        route = rt.route(q, nprobe, probe_margin)
         mine = torch.where(self.owned[route.lists], route.lists, torch.full_like(route.lists, -1))
         scores, pos = self.local._scanner("exact").search(route.scan_queries, mine, k)
         pos = pos.to(self.device)
@@ -173,8 +173,7 @@ class ShardedIVFIndex:
             scores, gpos, ids = merge_topk(*gathered, k)
         if not return_info:
             return scores, ids
-        sizes = self.global_list_sizes.to(route.lists.device)
-        scanned = float(sizes[route.lists].sum(1).double().mean()) if q.shape[0] else 0.0
+        scanned = _scanned(self.global_list_sizes, route.lists)
         info = SearchInfo(
             nprobe=nprobe, router=rt.describe(), scanner=f"exact, {self.world_size} shards",
             keys_scanned_per_query=scanned, router_flops_per_query=float(rt.flops_per_query(nprobe)),
