@@ -359,7 +359,7 @@ def main(argv=None) -> int:
             for frac in fracs:
                 delta = float(torch.quantile(gap, frac))
                 for refine in [r for r in refines if r <= 50]:
-                    for p in [p for p in pq_nprobes if 2 <= p <= 8]:
+                    for p in [p for p in pq_nprobes if 2 <= p <= 64]:
                         info = index.search(q_dev[:256], 10, p, rt, scanner="pq", reorder=refine,
                                             probe_margin=delta, return_info=True)[2]
                         add("amips-pq", f"amips PQ+reorder{refine}+margin{frac:g} / {label}", p,

@@ -373,8 +373,9 @@ class FaissPQEngine:
         if self.by_residual:
             # faiss adds the given <q, centroid> to each residual score (and quantizes it with
             # the tables), so it must be the true centroid score of each probed list
-            # (for a few lists per query, their centroids' products alone; else one product)
-            if 4 * iq.shape[1] < self._centroids_t.shape[1]:
+            # (for a few lists per query, their centroids' products alone; else one product:
+            # the gather costs ~100x a product's share per list, one thread, d 100-384)
+            if 128 * iq.shape[1] <= self._centroids_t.shape[1]:
                 dq = torch.einsum("qd,qpd->qp", q, self._centroids_t.T[iq.clamp_min(0)])
             else:
                 dq = (q @ self._centroids_t).gather(1, iq.clamp_min(0))

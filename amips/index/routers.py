@@ -2,10 +2,11 @@
 
 Every router has one interface::
 
-    route(queries [nq, d] fp32, nprobe) -> Route(lists [nq, nprobe] int64, scan_queries [nq, d])
+    route(queries [nq, d] fp32, nprobe, margin=None) -> Route(lists [nq, nprobe] int64, scan_queries [nq, d])
     flops_per_query(nprobe) -> float      # the router's own cost, scan excluded
 
-``lists`` are valid list ids, distinct per row, ordered best first (ties by lower list id).
+``lists`` are valid list ids, distinct per row, ordered best first (ties by lower list id);
+with a probe margin (adaptive probing) the lists left out are -1.
 ``scan_queries`` is what the scanner scores keys with: the query itself, or the KeyNet key
 for the drop-in substitution.
 
