@@ -329,45 +329,41 @@ def main(argv=None) -> int:
             set_threads(args.threads)
             print(f"amips PQ ({m_sub} subspaces x 4 bits, T={args.pq_threshold}): {time.time() - t0:.1f} s")
             index.save(pq_dir)
+        learned = ("router-mlp-heads", "supportnet-heads", "router-mlp-heads-bf16", "supportnet-heads-bf16")
+
+        def add_pq(label, rt, p, refine, margin=None, tag=""):
+            """One amips PQ configuration (FLOPs from a 256-query probe run)."""
+            opts = {"scanner": "pq", "reorder": refine, "probe_margin": margin}
+            info = index.search(q_dev[:256], 10, p, rt, return_info=True, **opts)[2]
+            add("amips-pq", f"amips PQ+reorder{refine}{tag} / {label}", p,
+                lambda p=p, rt=rt, opts=opts: index.search(q_dev, 10, p, rt, **opts)[1],
+                info.router_flops_per_query + info.scan_flops_per_query,
+                {"family": f"amips PQ({m_sub}x4, T={args.pq_threshold}) + reorder / {label}", "refine": refine})
+
         for label, spec in routers.items():
-            if label not in ("centroid", "router-mlp-heads", "supportnet-heads", "router-mlp-heads-bf16",
-                             "supportnet-heads-bf16"):
+            if label != "centroid" and label not in learned:
                 continue
             rt = router_of(spec)
             for refine in refines:
                 for p in pq_nprobes:
-                    info = index.search(q_dev[:256], 10, p, rt, scanner="pq", reorder=refine, return_info=True)[2]
-                    add("amips-pq", f"amips PQ+reorder{refine} / {label}", p,
-                        lambda p=p, rt=rt, refine=refine: index.search(q_dev, 10, p, rt, scanner="pq",
-                                                                        reorder=refine)[1],
-                        info.router_flops_per_query + info.scan_flops_per_query,
-                        {"family": f"amips PQ({m_sub}x4, T={args.pq_threshold}) + reorder / {label}",
-                         "refine": refine})
-
-    if args.pq and args.probe_margins and q_train is not None:
-        # adaptive probing (index.search(..., probe_margin=δ)): each δ is a quantile of the
-        # TRAINING queries' gap between their best and second-best router score, i.e. about
-        # that fraction of queries probes more than one list
-        fracs = [float(x) for x in args.probe_margins.split(",") if x]
-        q_gap = torch.from_numpy(q_train[:4000]).to(device)
-        for label, spec in routers.items():
-            if label not in ("router-mlp-heads", "supportnet-heads", "router-mlp-heads-bf16", "supportnet-heads-bf16"):
-                continue
-            rt = router_of(spec)
-            top2 = torch.topk(rt.list_scores(q_gap)[0], 2, dim=1).values.double()
-            gap = (top2[:, 0] - top2[:, 1]).cpu()
-            for frac in fracs:
-                delta = float(torch.quantile(gap, frac))
-                for refine in [r for r in refines if r <= 50]:
-                    for p in [p for p in pq_nprobes if 2 <= p <= 64]:
-                        info = index.search(q_dev[:256], 10, p, rt, scanner="pq", reorder=refine,
-                                            probe_margin=delta, return_info=True)[2]
-                        add("amips-pq", f"amips PQ+reorder{refine}+margin{frac:g} / {label}", p,
-                            lambda p=p, rt=rt, refine=refine, delta=delta: index.search(
-                                q_dev, 10, p, rt, scanner="pq", reorder=refine, probe_margin=delta)[1],
-                            info.router_flops_per_query + info.scan_flops_per_query,
-                            {"family": f"amips PQ({m_sub}x4, T={args.pq_threshold}) + reorder / {label}",
-                             "refine": refine})
+                    add_pq(label, rt, p, refine)
+        if args.probe_margins and q_train is not None:
+            # adaptive probing (index.search(..., probe_margin=δ)): each δ is a quantile of the
+            # TRAINING queries' gap between their best and second-best router score, i.e. about
+            # that fraction of queries probes more than one list
+            fracs = [float(x) for x in args.probe_margins.split(",") if x]
+            q_gap = torch.from_numpy(q_train[:4000]).to(device)
+            for label, spec in routers.items():
+                if label not in learned:
+                    continue
+                rt = router_of(spec)
+                top2 = torch.topk(rt.list_scores(q_gap)[0], 2, dim=1).values.double()
+                gap = (top2[:, 0] - top2[:, 1]).cpu()
+                for frac in fracs:
+                    delta = float(torch.quantile(gap, frac))
+                    for refine in [r for r in refines if r <= 50]:
+                        for p in [p for p in pq_nprobes if 2 <= p <= 64]:
+                            add_pq(label, rt, p, refine, delta, f"+margin{frac:g}")
 
     if anchors:
         # faiss IVFFlat on our lists, faiss' own routing (IndexFlatIP over our centroids)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _cli import build_index_and_router
 
 import amips
 from amips import InputError
@@ -496,12 +497,7 @@ def test_provenance_accepts_the_same_data_in_another_dtype(tmp_path):
     rng = np.random.default_rng(6)
     np.save(tmp_path / "k.npy", rng.standard_normal((120, 8)))
     np.save(tmp_path / "q.npy", rng.standard_normal((24, 8)).astype(np.float32))
-    assert main(["index", "build", "--keys", str(tmp_path / "k.npy"), "--n-lists", "3",
-                 "--out", str(tmp_path / "ix"), "--quiet"]) == 0
-    assert main(["train", "--keys", str(tmp_path / "k.npy"), "--queries", str(tmp_path / "q.npy"),
-                 "--model", "router-mlp", "--partitions", str(tmp_path / "ix" / "partitions.npy"),
-                 "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "8", "--noise", "0",
-                 "--device", "cpu", "--quiet", "--width", "8", "--depth", "1"]) == 0
+    build_index_and_router(tmp_path, 3, steps=2, batch_size=8, width=8)
     index = amips.IVFIndex.load(tmp_path / "ix")
     index.search(np.load(tmp_path / "q.npy")[:2], 3, 1, router=f"router:{tmp_path / 'run'}")
     from amips.provenance import fingerprint

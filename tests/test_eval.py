@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from _cli import build_index_and_router
 
 import amips
 from amips import InputError, IVFIndex
@@ -126,12 +127,7 @@ def test_cli_eval_bf16_router(tmp_path, capsys):
     rng = np.random.default_rng(7)
     np.save(tmp_path / "k.npy", rng.standard_normal((400, 8)).astype(np.float32))
     np.save(tmp_path / "q.npy", rng.standard_normal((64, 8)).astype(np.float32))
-    assert main(["index", "build", "--keys", str(tmp_path / "k.npy"), "--n-lists", "6",
-                 "--out", str(tmp_path / "ix"), "--quiet"]) == 0
-    assert main(["train", "--keys", str(tmp_path / "k.npy"), "--queries", str(tmp_path / "q.npy"),
-                 "--model", "router-mlp", "--partitions", str(tmp_path / "ix" / "partitions.npy"),
-                 "--out", str(tmp_path / "run"), "--steps", "20", "--batch-size", "32", "--noise", "0",
-                 "--device", "cpu", "--quiet", "--width", "16", "--depth", "1"]) == 0
+    build_index_and_router(tmp_path, 6, steps=20, batch_size=32, width=16)
     rows = {}
     for dtype in ("fp32", "bf16"):
         js = tmp_path / f"{dtype}.json"
