@@ -129,13 +129,13 @@ def unscale_rows(scores: torch.Tensor, e: torch.Tensor | None, score_dtype=torch
             peak = float(mags.max()) if kind == "overflow" else float(mags[mags < torch.finfo(dtype).tiny].max())
         limit = (f"|score| <= {torch.finfo(dtype).max:.3g}" if kind == "overflow"
                  else f"|score| >= {torch.finfo(dtype).tiny:.3g}")
-        hint = ("; pass score_dtype='float64' for exact float64 scores" if dtype == torch.float32
+        hint = (" (in Python, score_dtype='float64' returns them exactly)" if dtype == torch.float32
                 else "")
         shift = -math.frexp(peak)[1] if math.isfinite(peak) and peak > 0 else -64
         raise InputError(
             f"{names}: {what} {kind} {str(dtype).replace('torch.', '')} (they reach {peak:.3g}, "
-            f"{limit}){hint}, or scale the queries or the keys by a power of two "
-            f"(e.g. keys * 2**{shift}), which changes no ranking"
+            f"{limit}); scale the queries or the keys by a power of two (e.g. keys * "
+            f"2**{shift}), which changes no ranking{hint}"
         )
     return out64.to(dtype)
 

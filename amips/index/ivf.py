@@ -175,19 +175,17 @@ class IVFIndex:
 
             check_threshold(anisotropic_threshold)  # before the k-means, not after it
         key_log2 = check_storage_range(x, storage_dtype)
-        # the k-means runs on keys * 2^-key_log2 (exact): fp32 distances of keys near the
-        # ends of the range would under- or overflow; "l2" centroids are scaled back
+        # centroids from keys * 2^-key_log2 (exact): fp32 sums of keys near the ends of the
+        # range would under- or overflow; "l2" centroids are scaled back
         xs = x if not key_log2 else x.double().mul(2.0**-key_log2).float()
         t0 = time.time()
         if partitions is None:
             if centroids is not None:
                 raise InputError("centroids: given without partitions; pass both or neither")
-            cents, part = kmeans(
-                xs, n_lists, metric=metric, iters=iters, seed=seed, backend=kmeans_backend,
+            cents, part = kmeans(  # scales keys outside the safe range itself
+                x, n_lists, metric=metric, iters=iters, seed=seed, backend=kmeans_backend,
                 sample=kmeans_sample, device=dev, verbose=verbose,
             )
-            if key_log2 and metric == "l2":
-                cents = cents.double().mul(2.0**key_log2).float()
         else:
             part = check_int_vector(partitions, "partitions", length=x.shape[0]).to(dev)
             if int(part.max()) >= n_lists:
