@@ -52,6 +52,9 @@ def row_exponents(x: torch.Tensor) -> torch.Tensor | None:
     if x.numel() == 0:
         return None
     m = x.abs().amax(1)
+    lo, hi = torch.aminmax(m)  # the common case in two scalars (a search's per-call cost)
+    if 2.0**-RANGE_LOG2 <= float(lo) and float(hi) <= 2.0**RANGE_LOG2:
+        return None
     outside = (m > 2.0**RANGE_LOG2) | ((m < 2.0**-RANGE_LOG2) & (m > 0))
     if not bool(outside.any()):
         return None

@@ -378,3 +378,34 @@ def test_mol_topk_at_any_query_magnitude(scale):
         assert torch.isfinite(scores).all() and (ids >= 0).all()
         # the head's scores lie in [-1/tau, 1/tau]: a tolerance of fp32 rounding there
         assert (grid.gather(1, ids[:, :1])[:, 0] >= best - 1e-4).all(), method
+
+
+@pytest.mark.parametrize("case", ["float16-1e18", "float64-1e-50"])
+def test_index_build_cli_refuses_keys_its_storage_cannot_hold(tmp_path, case, capsys):
+    keys, _ = _base()
+    storage, arr = (("float16", keys * np.float32(1e18)) if case == "float16-1e18"
+                    else ("float32", keys.astype(np.float64) * 1e-50))
+    np.save(tmp_path / "k.npy", arr)
+    rc = main(["index", "build", "--keys", str(tmp_path / "k.npy"), "--n-lists", str(N_LISTS),
+               "--storage", storage, "--out", str(tmp_path / "ix"), "--quiet"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and "storage_dtype" in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "ix" / "centroids.npy").exists()  # refused before the k-means
+
+
+def test_eval_cli_keeps_float64_queries_exact(tmp_path, capsys):
+    keys, queries = _base()
+    np.save(tmp_path / "k.npy", keys)
+    np.save(tmp_path / "q1.npy", queries.astype(np.float64))
+    np.save(tmp_path / "q2.npy", queries.astype(np.float64) * 1e-50)  # float32 would hold 0s
+    assert main(["index", "build", "--keys", str(tmp_path / "k.npy"), "--n-lists", str(N_LISTS),
+                 "--out", str(tmp_path / "ix"), "--quiet"]) == 0
+    out = []
+    for name in ("q1", "q2"):
+        assert main(["eval", "--index", str(tmp_path / "ix"), "--queries", str(tmp_path / f"{name}.npy"),
+                     "--nprobe", "1", "--repeats", "0", "--single", "0",
+                     "--json", str(tmp_path / f"{name}.json")]) == 0
+        out.append(json.loads((tmp_path / f"{name}.json").read_text())["results"][0])
+    capsys.readouterr()
+    assert out[0]["match_at_1"] == out[1]["match_at_1"] < 1.0

@@ -604,12 +604,19 @@ class IVFIndex:
         return index
 
 
-def check_storage_range(keys: torch.Tensor, storage_dtype: str) -> int:
+def check_storage_range(keys, storage_dtype: str, *, peak: float | None = None,
+                        source_dtype=None) -> int:
     """The keys' range exponent (see :meth:`IVFIndex.scan_range`), after checking that the
     storage dtype holds them: an InputError naming ``storage_dtype`` (or ``keys``) for keys
-    it would store as inf, or whose largest value it would store as a subnormal or 0."""
-    peak = float(keys.abs().amax()) if keys.numel() else 0.0
+    it would store as inf, or whose largest value it would store as a subnormal or 0.
+    ``peak`` / ``source_dtype``: the largest |value| and dtype of the keys as given, when
+    ``keys`` is already a converted copy (a float64 file read as float32)."""
+    if storage_dtype not in _STORAGE:
+        raise InputError(f"storage_dtype: expected one of {sorted(_STORAGE)}, got {storage_dtype!r}")
+    if peak is None:
+        peak = float(keys.abs().amax()) if keys.numel() else 0.0
     info = torch.finfo(_STORAGE[storage_dtype])
+    same = (source_dtype if source_dtype is not None else keys.dtype) == _STORAGE[storage_dtype]
     if peak > info.max:
         shift = -_frexp_exponent(peak)
         if storage_dtype == "float16":
@@ -622,7 +629,7 @@ def check_storage_range(keys: torch.Tensor, storage_dtype: str) -> int:
             f"keys: values reach {peak:.3g}, beyond float32's range (3.4e38) the index stores "
             f"and scans in; scale the keys by 2**{shift} (which changes no ranking)"
         )
-    if 0 < peak < info.tiny and keys.dtype != _STORAGE[storage_dtype]:
+    if 0 < peak < info.tiny and not same:
         shift = -_frexp_exponent(peak)
         raise InputError(
             f"storage_dtype: {storage_dtype} keeps values below {info.tiny:.3g} as subnormals "
