@@ -414,7 +414,7 @@ class IVFIndex:
         else:
             if eq is not None and (q.abs().amax() > FLOAT32_MAX or ((q != 0) & (q.float() == 0)).any()):
                 raise InputError(
-                    "queries: values beyond float32's range; a learned router reads float32 "
+                    "queries: values outside float32's range; a learned router reads float32 "
                     "queries: scale them by a power of two (or route with the centroids)"
                 )
             route = rt.route(q.float() if q.dtype != torch.float32 else q, nprobe, probe_margin)
