@@ -263,6 +263,23 @@ def test_a_learned_router_reads_the_original_queries():
     _refused(err.value, "queries: values outside float32's range")
 
 
+def test_a_fixed_router_and_a_copied_scan_query_keep_the_query_scale():
+    from amips.index.routers import FixedRouter, Route
+
+    class CopyingRouter(FixedRouter):  # hands the scanner a copy of the (scaled) queries
+        def route(self, queries, nprobe, margin=None):
+            r = super().route(queries, nprobe, margin)
+            return Route(r.lists, r.scan_queries.clone())
+
+    keys, queries = _scaled(1e-30)
+    index = IVFIndex.build(keys, N_LISTS, seed=0)
+    exact, qscale = _truth(keys, queries)
+    lists = torch.arange(N_LISTS).repeat(N_QUERIES, 1)
+    for rt in (FixedRouter(lists, N_LISTS, D), CopyingRouter(lists, N_LISTS, D)):
+        scores, ids = index.search(queries, 5, N_LISTS, rt, score_dtype="float64")
+        _assert_topk(ids.numpy(), scores.numpy(), exact, qscale, 5)
+
+
 def test_sharded_search_scales_like_the_index():
     from amips.index.sharded import ShardedIVFIndex
 

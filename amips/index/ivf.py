@@ -407,7 +407,8 @@ class IVFIndex:
             qs = q
         else:
             qs = scale_rows(q, eq)
-        if getattr(rt, "scale_equivariant", False) and probe_margin is None:
+        routed_scaled = getattr(rt, "scale_equivariant", False) and probe_margin is None
+        if routed_scaled:
             route = rt.route(qs, nprobe, probe_margin)
             if route.scan_queries is qs:
                 return route, qs, _add_exponent(eq, key_log2, qs.shape[0], qs.device)
@@ -422,6 +423,8 @@ class IVFIndex:
         es = row_exponents(sq)
         if es is not None:
             sq = scale_rows(sq, es)
+        if routed_scaled and eq is not None:  # scan queries of the scaled queries: both scales
+            es = eq.to(sq.device) if es is None else es + eq.to(sq.device)
         return route, sq, _add_exponent(es, key_log2, sq.shape[0], sq.device)
 
     def search(
