@@ -80,7 +80,9 @@ def evaluate(
     """Quality, FLOPs and speed of ``index.search`` for every nprobe (see module docstring).
     ``probe_margin``: adaptive probing (``IVFIndex.search``); nprobe is then the most lists a
     query probes and ``lists_per_query`` the mean it did."""
-    q = check_matrix(to_tensor(queries, "queries"), "queries", dim=index.d).float()
+    q = check_matrix(to_tensor(queries, "queries"), "queries", dim=index.d)
+    if q.dtype != torch.float64:
+        q = q.float()  # float64 queries stay exact: search scales them into fp32's range itself
     k = check_positive_int(k, "k")
     nprobes = parse_nprobes(nprobes, index.n_lists)
     keys = index.keys().cpu()
@@ -93,7 +95,9 @@ def evaluate(
     dev = index.device
     qd = q.to(dev)
     rows = []
-    opts = {"scanner": scanner, "reorder": reorder, "probe_margin": probe_margin}
+    # only the ids are scored (re-scored in fp64 against the keys): float64 search scores
+    # never refuse inputs whose scores float32 cannot hold
+    opts = {"scanner": scanner, "reorder": reorder, "probe_margin": probe_margin, "score_dtype": "float64"}
     for nprobe in nprobes:
         scores, ids, info = index.search(qd, k, nprobe, rt, return_info=True, **opts)
         quality = evaluate_results(q, keys, ids.cpu(), gt, k=k)

@@ -3,8 +3,12 @@
 Every metric compares SCORES, not ids: the returned keys are re-scored in float64 against
 the true query (:func:`rescore`) and compared with the exact float64 top-k scores, so a
 search that returns any one of several tied keys is counted correct. A returned key counts
-as good as the exact j-th answer when its score is within ``tol = atol + rtol * |s_j|`` of
-it (default rtol 1e-6, atol 1e-7: fp32 search arithmetic cannot separate closer scores).
+as good as the exact j-th answer when its score is within ``tol = atol + rtol * scale`` of
+it, ``scale`` being the query's score scale (``||q|| * max ||k||``, which
+:class:`GroundTruth` records; the largest |exact score| of the row when no scale is given)
+and rtol 1e-6, atol 0 by default: fp32 search arithmetic cannot separate closer scores, and
+a tolerance relative to the scale gives the same answer at every magnitude (a fixed absolute
+one makes every key a tie for small vectors). See :mod:`amips.numerics`.
 
 - ``match_at_1``: fraction of queries whose returned top-1 is an exact top-1.
 - ``recall_at_k``: per query, |{returned j <= k : s(q, j) >= s*_k - tol}| / k, where s*_k
@@ -22,9 +26,10 @@ import numpy as np
 import torch
 
 from ._validate import InputError, check_matrix, check_positive_int, to_tensor
+from .numerics import TIE_RTOL, reaches, row_scale, score_scale, tie_tolerance
 
-RTOL = 1e-6
-ATOL = 1e-7
+RTOL = TIE_RTOL
+ATOL = 0.0
 
 
 def _ids_tensor(ids, name: str) -> torch.Tensor:
@@ -61,8 +66,18 @@ def rescore(queries, keys, ids, *, block: int = 4096) -> torch.Tensor:
     return out
 
 
-def _tol(s: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
-    return atol + rtol * s.abs()
+def _tol(t: torch.Tensor, scale, rtol: float, atol: float) -> torch.Tensor:
+    """Per-query tie tolerance [nq]: relative to ``scale`` (default: the row's largest
+    |exact score|)."""
+    if scale is None:
+        scale = row_scale(t)
+    else:
+        scale = torch.as_tensor(scale, dtype=torch.float64).reshape(-1)
+        if scale.shape[0] != t.shape[0]:
+            raise InputError(f"scale: {scale.shape[0]} values for {t.shape[0]} queries")
+        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+            raise InputError("scale: expected finite values >= 0 (||q|| * max ||k|| per query)")
+    return tie_tolerance(scale, rtol=rtol, atol=atol)
 
 
 def _pair(found_scores, true_scores) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,27 +96,30 @@ def _pair(found_scores, true_scores) -> tuple[torch.Tensor, torch.Tensor]:
     return f, t
 
 
-def match_at_1(found_scores, true_scores, *, rtol: float = RTOL, atol: float = ATOL) -> float:
-    """Fraction of queries whose returned top-1 scores as an exact top-1 (tie-aware)."""
+def match_at_1(found_scores, true_scores, *, rtol: float = RTOL, atol: float = ATOL,
+               scale=None) -> float:
+    """Fraction of queries whose returned top-1 scores as an exact top-1 (tie-aware;
+    ``scale`` [nq]: what the tolerance is relative to, see the module docstring)."""
     f, t = _pair(found_scores, true_scores)
-    return float((f[:, 0] >= t[:, 0] - _tol(t[:, 0], rtol, atol)).double().mean())
+    return float(reaches(f[:, 0], t[:, 0], _tol(t, scale, rtol, atol)).double().mean())
 
 
-def recall_at_k(found_scores, true_scores, k: int, *, rtol: float = RTOL, atol: float = ATOL) -> float:
+def recall_at_k(found_scores, true_scores, k: int, *, rtol: float = RTOL, atol: float = ATOL,
+                scale=None) -> float:
     """Tie-aware recall@k: returned keys scoring at least the exact k-th score, over k."""
     k = check_positive_int(k, "k")
     f, t = _pair(found_scores, true_scores)
     if t.shape[1] < k:
         raise InputError(f"true_scores: need the exact top-{k}, got top-{t.shape[1]}")
     kth = t[:, k - 1 : k]
-    good = (f[:, :k] >= kth - _tol(kth, rtol, atol)).sum(1).clamp(max=k)
+    good = reaches(f[:, :k], kth, _tol(t, scale, rtol, atol)).sum(1).clamp(max=k)
     return float((good.double() / k).mean())
 
 
-def mrr(found_scores, true_scores, *, rtol: float = RTOL, atol: float = ATOL) -> float:
+def mrr(found_scores, true_scores, *, rtol: float = RTOL, atol: float = ATOL, scale=None) -> float:
     """Mean reciprocal rank of the first returned exact top-1 (0 when absent)."""
     f, t = _pair(found_scores, true_scores)
-    hit = f >= t[:, :1] - _tol(t[:, :1], rtol, atol)
+    hit = reaches(f, t[:, :1], _tol(t, scale, rtol, atol))
     ranks = torch.arange(1, f.shape[1] + 1, dtype=torch.float64)
     first = torch.where(hit, ranks[None, :], torch.full_like(f, float("inf"))).min(1).values
     return float((1.0 / first).mean())
@@ -109,10 +127,13 @@ def mrr(found_scores, true_scores, *, rtol: float = RTOL, atol: float = ATOL) ->
 
 @dataclass
 class GroundTruth:
-    """Exact top-k of every query: float64 scores [nq, k] (best first) and ids [nq, k]."""
+    """Exact top-k of every query: float64 scores [nq, k] (best first) and ids [nq, k];
+    ``scale`` [nq] fp64: ``||q|| * max ||k||``, what tie tolerances are relative to (None:
+    the largest |score| of each row)."""
 
     scores: torch.Tensor
     ids: torch.Tensor
+    scale: torch.Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -126,18 +147,20 @@ class GroundTruth:
         k = check_positive_int(k, "k")
         q = check_matrix(to_tensor(queries, "queries"), "queries")
         kk = check_matrix(to_tensor(keys, "keys"), "keys", dim=q.shape[1])
-        _, ids = exact_topk(q, kk, min(k, kk.shape[0]))
+        # only the ids are used (the scores are recomputed below): float64 never refuses
+        _, ids = exact_topk(q, kk, min(k, kk.shape[0]), score_dtype="float64")
         ids = ids.cpu().long()
         scores = rescore(q, kk, ids)
         # the labels are exact in their own arithmetic; order by the fp64 scores
         order = torch.argsort(scores, dim=1, descending=True, stable=True)
-        return cls(scores.gather(1, order), ids.gather(1, order))
+        return cls(scores.gather(1, order), ids.gather(1, order), score_scale(q.cpu(), kk.cpu()))
 
 
 def evaluate_results(queries, keys, found_ids, gt: GroundTruth, *, k: int = 10) -> dict:
     """match@1, recall@k and MRR of ``found_ids`` [nq, >=1] against ``gt``."""
     found = rescore(queries, keys, found_ids)
-    out = {"match_at_1": match_at_1(found, gt.scores), "mrr": mrr(found, gt.scores)}
+    scale = gt.scale
+    out = {"match_at_1": match_at_1(found, gt.scores, scale=scale), "mrr": mrr(found, gt.scores, scale=scale)}
     if found.shape[1] >= k and gt.k >= k:
-        out[f"recall_at_{k}"] = recall_at_k(found, gt.scores, k)
+        out[f"recall_at_{k}"] = recall_at_k(found, gt.scores, k, scale=scale)
     return out

@@ -386,13 +386,14 @@ def test_out_of_fp32_range_inputs_get_the_exact_answer(k_scale, q_scale):
     kk, qq = keys * k_scale, queries * q_scale
     exact = qq @ kk.T
     for dtype in (np.float32, np.float64):
-        s, i = amips.exact_top1(qq.astype(dtype), kk.astype(dtype))
+        # float64 scores: exact even where float32 cannot hold them (1e-25 x 1e-25)
+        s, i = amips.exact_top1(qq.astype(dtype), kk.astype(dtype), score_dtype="float64")
         e = qq.astype(dtype).astype(np.float64) @ kk.astype(dtype).astype(np.float64).T
         assert np.array_equal(i.numpy(), e.argmax(1)), dtype
-        np.testing.assert_allclose(s.numpy(), e.max(1).astype(np.float32), rtol=1e-6)
-    ts, ti = amips.exact_topk(qq, kk, k=3)
+        np.testing.assert_allclose(s.numpy(), e.max(1), rtol=1e-12)
+    ts, ti = amips.exact_topk(qq, kk, k=3, score_dtype="float64")
     assert np.array_equal(ti[:, 0].numpy(), exact.argmax(1))
-    ps, pi = amips.partition_top1(qq, kk, np.arange(300) % 5)
+    ps, pi = amips.partition_top1(qq, kk, np.arange(300) % 5, score_dtype="float64")
     for p in range(5):
         members = np.flatnonzero(np.arange(300) % 5 == p)
         assert np.array_equal(pi[:, p].numpy(), members[exact[:, members].argmax(1)])

@@ -93,7 +93,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.max_queries < 1:
             raise InputError(f"max-queries: must be >= 1, got {args.max_queries}")
         q_np = q_np[: args.max_queries]
-    queries = torch.from_numpy(np.array(q_np, dtype=np.float32, order="C"))
+    # float64 files stay float64: their float32 copy would flush queries below 1e-45 to 0
+    queries = torch.from_numpy(np.array(q_np, dtype=np.float64 if q_np.dtype == np.float64 else np.float32, order="C"))
     scanner = args.scanner or ("pq" if index.pq is not None else "exact")
     gt = GroundTruth.compute(queries, index.keys().cpu(), k=args.k)
     if distributed.is_distributed():

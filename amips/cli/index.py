@@ -120,6 +120,12 @@ def run_build(args: argparse.Namespace) -> int:
     keys = torch.from_numpy(np.array(keys_np, dtype=np.float32, order="C"))
     if not bool(torch.isfinite(keys).all()):
         raise InputError("keys: contains NaN or inf values (or values beyond the float32 range)")
+    # before any disk work: the storage dtype must hold the keys (float64 files: as given,
+    # not as their float32 copy, which flushes values below 1e-45 to 0)
+    from ..index.ivf import check_storage_range
+
+    check_storage_range(keys, args.storage, peak=float(np.abs(keys_np).max()) if keys_np.dtype == np.float64 else None,
+                        source_dtype=torch.float64 if keys_np.dtype == np.float64 else None)
     if args.overwrite:
         clear_folder(out, _INDEX_FILES)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from .._validate import InputError, check_matrix, check_positive_int, to_tensor
+from ..numerics import check_score_dtype, row_exponents, scale_rows
+from .ivf import _add_exponent, finish_scores
 
 
 def _faiss():
@@ -52,7 +54,9 @@ def to_faiss(index, kind: str = "flat", *, pq_subspaces: int | None = None, trai
     metric = faiss.METRIC_INNER_PRODUCT
     quantizer = faiss.IndexFlatIP(d)
     quantizer.add(np.ascontiguousarray(index.centroids.cpu().numpy(), dtype=np.float32))
-    keys = np.ascontiguousarray(index.keys_by_list.float().cpu().numpy())
+    # the keys as amips scans them (scaled by a power of two when outside fp32's safe range)
+    _, scan = index.scan_range()
+    keys = np.ascontiguousarray(scan.keys_by_list.float().cpu().numpy())
     lists = torch.repeat_interleave(torch.arange(n_lists), index.list_sizes.cpu()).numpy().astype(np.int64)
     ids = np.ascontiguousarray(index.ids.cpu().numpy(), dtype=np.int64)
     if kind == "flat":
@@ -97,6 +101,8 @@ class FaissIVF:
     ``search(queries, k, nprobe, router=None, refine=0)`` -> (scores, ids) like
     :meth:`amips.IVFIndex.search`; ``refine`` > 0 takes that many faiss candidates and
     re-scores them exactly against the amips keys (faiss' IndexRefineFlat, preassigned).
+    Queries and keys of any magnitude are scaled as ``IVFIndex.search`` scales them
+    (``score_dtype`` as there).
     """
 
     def __init__(self, index, kind: str = "flat", **kwargs):
@@ -109,17 +115,36 @@ class FaissIVF:
     def name(self) -> str:
         return f"faiss-{self.kind}"
 
-    def search(self, queries, k: int = 10, nprobe: int = 8, router=None, *, refine: int = 0, return_info: bool = False):
+    def search(self, queries, k: int = 10, nprobe: int = 8, router=None, *, refine: int = 0,
+               return_info: bool = False, score_dtype="float32"):
         idx = self.index
-        q = check_matrix(to_tensor(queries, "queries"), "queries", dim=idx.d).float().cpu()
+        q = check_matrix(to_tensor(queries, "queries"), "queries", dim=idx.d).cpu()
         k = check_positive_int(k, "k")
         nprobe = check_positive_int(nprobe, "nprobe", maximum=idx.n_lists)
+        score_dtype = check_score_dtype(score_dtype)
         rt = idx.router(router)
-        route = rt.route(q, nprobe)
-        return self.search_routed(q, route.scan_queries, route.lists, k, refine=refine, return_info=return_info, router=rt)
+        if idx.device.type != "cpu":
+            raise InputError(f"index: the faiss backend searches a CPU index, this one is on {idx.device}")
+        route, sq, e = idx.prepare_queries(q, rt, nprobe)
+        out = self._search_scaled(sq, route.lists, k, refine=refine, return_info=return_info, router=rt)
+        pos = out[1]
+        scores = finish_scores(out[0], pos, e, score_dtype)
+        return (scores, *out[1:])
 
-    def search_routed(self, queries, scan_queries, lists, k: int, *, refine: int = 0, return_info=False, router=None):
+    def search_routed(self, queries, scan_queries, lists, k: int, *, refine: int = 0, return_info=False, router=None,
+                      score_dtype="float32"):
         """Search with precomputed routes (``lists`` [nq, nprobe]); see :meth:`search`."""
+        score_dtype = check_score_dtype(score_dtype)
+        sq = check_matrix(to_tensor(scan_queries, "scan_queries"), "scan_queries", dim=self.index.d).cpu()
+        key_log2, _ = self.index.scan_range()
+        es = row_exponents(sq)
+        e = _add_exponent(es, key_log2, sq.shape[0], sq.device)
+        out = self._search_scaled(scale_rows(sq, es), lists, k, refine=refine, return_info=return_info,
+                                  router=router)
+        scores = finish_scores(out[0], out[1], e, score_dtype)
+        return (scores, *out[1:])
+
+    def _search_scaled(self, scan_queries, lists, k: int, *, refine: int = 0, return_info=False, router=None):
         idx = self.index
         x = np.ascontiguousarray(scan_queries.float().cpu().numpy())
         iq = np.ascontiguousarray(lists.cpu().numpy(), dtype=np.int64)
@@ -134,7 +159,11 @@ class FaissIVF:
         scores_t = torch.from_numpy(dist)
         if refine:
             if self._keys is None:
-                self._keys = idx.keys().cpu().contiguous()
+                key_log2, _ = idx.scan_range()
+                keys = idx.keys().cpu()
+                if key_log2:
+                    keys = (keys.double() * 2.0**-key_log2).float()
+                self._keys = keys.contiguous()
             scores_t, labels_t = _refine(sq, self._keys, labels_t, k)
         else:
             scores_t = torch.where(labels_t >= 0, scores_t, torch.full_like(scores_t, float("-inf")))

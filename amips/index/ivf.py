@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,14 @@ from .._validate import (
     check_matrix,
     check_positive_int,
     to_tensor,
+)
+from ..numerics import (
+    FLOAT32_MAX,
+    check_score_dtype,
+    range_exponent,
+    row_exponents,
+    scale_rows,
+    unscale_rows,
 )
 from ..provenance import check_model_for_index_keys, fingerprint
 from .kmeans import METRICS, kmeans
@@ -165,11 +174,15 @@ class IVFIndex:
             from .pq_scanner import check_threshold
 
             check_threshold(anisotropic_threshold)  # before the k-means, not after it
+        key_log2 = check_storage_range(x, storage_dtype)
+        # centroids from keys * 2^-key_log2 (exact): fp32 sums of keys near the ends of the
+        # range would under- or overflow; "l2" centroids are scaled back
+        xs = x if not key_log2 else x.double().mul(2.0**-key_log2).float()
         t0 = time.time()
         if partitions is None:
             if centroids is not None:
                 raise InputError("centroids: given without partitions; pass both or neither")
-            cents, part = kmeans(
+            cents, part = kmeans(  # scales keys outside the safe range itself
                 x, n_lists, metric=metric, iters=iters, seed=seed, backend=kmeans_backend,
                 sample=kmeans_sample, device=dev, verbose=verbose,
             )
@@ -178,7 +191,9 @@ class IVFIndex:
             if int(part.max()) >= n_lists:
                 raise InputError(f"partitions: list id {int(part.max())} >= n_lists = {n_lists}")
             if centroids is None:
-                cents = _centroids_of(x.to(dev), part, n_lists, metric)
+                cents = _centroids_of(xs.to(dev), part, n_lists, metric)
+                if key_log2 and metric == "l2":
+                    cents = cents.double().mul(2.0**key_log2).float()
             else:
                 cents = check_matrix(to_tensor(centroids, "centroids"), "centroids", dim=x.shape[1])
                 if cents.shape[0] != n_lists:
@@ -208,10 +223,17 @@ class IVFIndex:
 
     def train_pq(self, *, subspaces: int, bits: int = 4, anisotropic_threshold=None,
                  iters: int = 20, seed: int = 0, by_residual: bool = True) -> None:
-        """Train the PQ scanner on the grouped keys (residuals to the list centroids)."""
+        """Train the PQ scanner on the grouped keys (residuals to the list centroids).
+
+        Keys outside the safe range are trained on as ``keys * 2^-e`` (see
+        :meth:`scan_range`), the domain the scanners search them in."""
         PQScanner = _pq_class()
+        key_log2, scan = self.scan_range()
+        cents = self.centroids
+        if key_log2 and self.metric == "l2":
+            cents = cents.double().mul(2.0**-key_log2).float()
         self.pq = PQScanner.train(
-            self.keys_by_list.float(), self.list_offsets, self.centroids,
+            scan.keys_by_list.float(), self.list_offsets, cents,
             subspaces=int(subspaces), bits=int(bits),
             anisotropic_threshold=anisotropic_threshold, by_residual=by_residual,
             iters=int(iters), seed=int(seed),
@@ -348,6 +370,63 @@ class IVFIndex:
             return self.pq
         raise InputError(f"scanner: expected 'exact' or 'pq', got {scanner!r}")
 
+    # ----------------------------------------------------------------- range
+    def scan_range(self, key_log2: int | None = None) -> tuple[int, ExactScanner]:
+        """(e, exact scanner over ``keys_by_list * 2^-e``): the keys as the scanners see them.
+
+        e = 0 (the stored keys, no copy) when the largest |key value| lies in
+        [2^-30, 2^30]; otherwise an fp32 copy scaled to [0.5, 1) is kept (exact: a power of
+        two), so fp32 scores neither underflow nor overflow; search scales the results back.
+        ``key_log2``: use this exponent (a shard of an index uses the whole index's)."""
+        cached = getattr(self, "_range", None)
+        if cached is not None and (key_log2 is None or cached[0] == key_log2):
+            return cached
+        if key_log2 is None:
+            peak = float(self.keys_by_list.abs().amax()) if self.keys_by_list.numel() else 0.0
+            key_log2 = range_exponent(peak)
+        if key_log2 == 0:
+            scan = self.exact
+        else:
+            scaled = (self.keys_by_list.double() * 2.0**-key_log2).float()
+            scan = ExactScanner(scaled, self.list_offsets)
+        self._range = (int(key_log2), scan)
+        return self._range
+
+    def prepare_queries(self, queries, rt: Router, nprobe: int, probe_margin=None):
+        """Route ``queries`` and bring the scan queries into fp32's safe range.
+
+        Returns ``(route, scan_queries fp32, e)``: the scan scores ``scan_queries`` against
+        ``keys * 2^-key_log2``; ``e`` [nq] int64 (or None: nothing was scaled) is the exponent
+        that turns those scores into the original ones (query and key scales together). A
+        centroid or fixed router ranks lists identically for any power-of-two row scale, so
+        it routes the scaled queries; a learned router gets the original ones (float32)."""
+        q = check_matrix(to_tensor(queries, "queries"), "queries", dim=self.d).to(self.device)
+        key_log2, _ = self.scan_range()
+        eq = row_exponents(q)
+        if eq is None and q.dtype == torch.float32:
+            qs = q
+        else:
+            qs = scale_rows(q, eq)
+        routed_scaled = getattr(rt, "scale_equivariant", False) and probe_margin is None
+        if routed_scaled:
+            route = rt.route(qs, nprobe, probe_margin)
+            if route.scan_queries is qs:
+                return route, qs, _add_exponent(eq, key_log2, qs.shape[0], qs.device)
+        else:
+            if eq is not None and (q.abs().amax() > FLOAT32_MAX or ((q != 0) & (q.float() == 0)).any()):
+                raise InputError(
+                    "queries: values outside float32's range; a learned router reads float32 "
+                    "queries: scale them by a power of two (or route with the centroids)"
+                )
+            route = rt.route(q.float() if q.dtype != torch.float32 else q, nprobe, probe_margin)
+        sq = route.scan_queries.float()
+        es = row_exponents(sq)
+        if es is not None:
+            sq = scale_rows(sq, es)
+        if routed_scaled and eq is not None:  # scan queries of the scaled queries: both scales
+            es = eq.to(sq.device) if es is None else es + eq.to(sq.device)
+        return route, sq, _add_exponent(es, key_log2, sq.shape[0], sq.device)
+
     def search(
         self,
         queries,
@@ -359,6 +438,7 @@ class IVFIndex:
         reorder: int = 0,
         probe_margin: float | None = None,
         return_info: bool = False,
+        score_dtype="float32",
     ):
         """Top-k keys (original ids) for every query, probing ``nprobe`` lists chosen by ``router``.
 
@@ -369,27 +449,29 @@ class IVFIndex:
         substituted query. ``probe_margin``: adaptive probing; a query probes, of its best
         ``nprobe`` lists, only those the router scores within ``probe_margin`` of its best
         list (always that one), so confident queries scan fewer lists (default: all nprobe).
+
+        Magnitudes: queries and keys of any finite size are searched exactly as at unit
+        scale (exact power-of-two scaling, see :meth:`scan_range`); ``score_dtype``
+        ``"float32"`` (default) refuses, by name, scores float32 cannot hold (beyond 3.4e38,
+        or a query whose scores are all below 1.2e-38), ``"float64"`` returns them exactly.
         """
-        q = self._queries(queries)
         k = check_positive_int(k, "k")
         nprobe = check_positive_int(nprobe, "nprobe", maximum=self.n_lists)
         if isinstance(reorder, bool) or not isinstance(reorder, (int, np.integer)) or reorder < 0:
             raise InputError(f"reorder: expected an integer >= 0, got {reorder!r}")
+        score_dtype = check_score_dtype(score_dtype)
         rt = self.router(router)
         scan = self._scanner(scanner)
-        route = rt.route(q, nprobe, probe_margin)
+        route, sq, e = self.prepare_queries(queries, rt, nprobe, probe_margin)
+        _, exact = self.scan_range()
         if scan is self.exact:
-            scores, pos = scan.search(route.scan_queries, route.lists, k)
+            scores, pos = exact.search(sq, route.lists, k)
         else:
             scores, pos = scan.search(
-                route.scan_queries, route.lists, k, reorder=int(reorder), keys_by_list=self.keys_by_list
+                sq, route.lists, k, reorder=int(reorder), keys_by_list=exact.keys_by_list
             )
         pos = pos.to(self.device)
-        if not bool(torch.isfinite(scores[pos >= 0]).all()):
-            raise InputError(
-                "queries: scores overflow float32 (|<q, k>| > 3.4e38) for these queries and keys; "
-                "scale the queries (or the keys) down by a power of two, which changes no ranking"
-            )
+        scores = finish_scores(scores, pos, e, score_dtype)
         ids = torch.where(pos >= 0, self.ids[pos.clamp(min=0)], torch.full_like(pos, -1))
         if not return_info:
             return scores, ids
@@ -523,6 +605,65 @@ class IVFIndex:
         if index.n_keys != cfg["n_keys"] or index.d != cfg["d"] or index.n_lists != cfg["n_lists"]:
             raise InputError(f"index: {root} arrays disagree with index.json")
         return index
+
+
+def check_storage_range(keys, storage_dtype: str, *, peak: float | None = None,
+                        source_dtype=None) -> int:
+    """The keys' range exponent (see :meth:`IVFIndex.scan_range`), after checking that the
+    storage dtype holds them: an InputError naming ``storage_dtype`` (or ``keys``) for keys
+    it would store as inf, or whose largest value it would store as a subnormal or 0.
+    ``peak`` / ``source_dtype``: the largest |value| and dtype of the keys as given, when
+    ``keys`` is already a converted copy (a float64 file read as float32)."""
+    if storage_dtype not in _STORAGE:
+        raise InputError(f"storage_dtype: expected one of {sorted(_STORAGE)}, got {storage_dtype!r}")
+    if peak is None:
+        peak = float(keys.abs().amax()) if keys.numel() else 0.0
+    info = torch.finfo(_STORAGE[storage_dtype])
+    same = (source_dtype if source_dtype is not None else keys.dtype) == _STORAGE[storage_dtype]
+    if peak > info.max:
+        shift = -_frexp_exponent(peak)
+        if storage_dtype == "float16":
+            raise InputError(
+                f"storage_dtype: float16 holds |values| <= {info.max:g}, the keys reach {peak:.3g} "
+                f"(they would be stored as inf); use float32 or bfloat16, or scale the keys by "
+                f"2**{shift} (which changes no ranking)"
+            )
+        raise InputError(
+            f"keys: values reach {peak:.3g}, beyond float32's range (3.4e38) the index stores "
+            f"and scans in; scale the keys by 2**{shift} (which changes no ranking)"
+        )
+    if 0 < peak < info.tiny and not same:
+        shift = -_frexp_exponent(peak)
+        raise InputError(
+            f"storage_dtype: {storage_dtype} keeps values below {info.tiny:.3g} as subnormals "
+            f"or 0, and the keys' largest |value| is {peak:.3g}; use storage_dtype float32, or "
+            f"scale the keys by 2**{shift} (which changes no ranking)"
+        )
+    return range_exponent(peak)
+
+
+def _frexp_exponent(x: float) -> int:
+    return math.frexp(x)[1]
+
+
+def _add_exponent(e: torch.Tensor | None, key_log2: int, n: int, device) -> torch.Tensor | None:
+    if not key_log2:
+        return e
+    base = torch.zeros(n, dtype=torch.int64, device=device) if e is None else e.to(device)
+    return base + int(key_log2)
+
+
+def finish_scores(scores: torch.Tensor, pos: torch.Tensor, e: torch.Tensor | None, score_dtype) -> torch.Tensor:
+    """Scan scores (of the scaled problem) -> the original problem's, in ``score_dtype``
+    (see :func:`amips.numerics.unscale_rows`); -inf where no key was found."""
+    if e is None:  # nothing was scaled: in-range fp32 scores cannot overflow, but say so if they did
+        if not bool(torch.isfinite(scores[pos >= 0]).all()):
+            raise InputError(
+                "queries: scores overflow float32 (|<q, k>| > 3.4e38) for these queries and keys; "
+                "scale the queries (or the keys) down by a power of two, which changes no ranking"
+            )
+        return scores if scores.dtype == score_dtype else scores.to(score_dtype)
+    return unscale_rows(scores, e, score_dtype, what="scores", names="queries")
 
 
 def _scanned(list_sizes: torch.Tensor, lists: torch.Tensor) -> float:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .._validate import InputError, check_matrix, check_positive_int, to_tensor
+from ..numerics import range_exponent
 
 METRICS = ("ip", "l2")
 
@@ -83,6 +84,12 @@ def kmeans(
     if backend not in ("auto", "torch", "faiss"):
         raise InputError(f"backend: expected 'auto', 'torch' or 'faiss', got {backend!r}")
     dev = torch.device(device) if device is not None else x.device
+    # keys far outside fp32's safe range train as keys * 2^-e (exact, one power of two for
+    # all): fp32 distances of 1e-25 keys underflow to 0 and of 1e36 keys overflow, which
+    # left one list holding every key; "l2" centroids are scaled back at the end
+    key_log2 = range_exponent(float(x.abs().amax()))
+    if key_log2:
+        x = (x.double() * 2.0**-key_log2).float()
     if backend == "auto":
         backend = "faiss" if dev.type == "cpu" and _has_faiss() else "torch"
     gen = torch.Generator().manual_seed(int(seed))
@@ -99,7 +106,10 @@ def kmeans(
         centroids = _kmeans_torch(train, n_lists, metric, iters, gen, verbose)
     centroids = centroids.to(dev)
     full = x if x.device == dev else x.to(dev)
-    return centroids, assign(full, centroids, metric)
+    part = assign(full, centroids, metric)
+    if key_log2 and metric == "l2":
+        centroids = (centroids.double() * 2.0**key_log2).float()
+    return centroids, part
 
 
 def _has_faiss() -> bool:

@@ -147,6 +147,9 @@ class Router(abc.ABC):
     name = "router"
     n_lists: int
     d: int
+    # True when multiplying a query by a power of two (per row) changes none of its lists:
+    # search may then route the range-scaled queries (amips.numerics)
+    scale_equivariant = False
 
     @abc.abstractmethod
     def list_scores(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,6 +175,7 @@ class Router(abc.ABC):
 
 class CentroidRouter(Router):
     name = "centroid"
+    scale_equivariant = True  # <2^-e q, c> = 2^-e <q, c>: the same order
 
     def __init__(self, centroids: torch.Tensor):
         self.centroids = check_matrix(to_tensor(centroids, "centroids"), "centroids").float()
@@ -302,6 +306,7 @@ class FixedRouter(Router):
     """Routes given in advance (tests, external routers): lists [nq, >= nprobe]."""
 
     name = "fixed"
+    scale_equivariant = True
 
     def __init__(self, lists: torch.Tensor, n_lists: int, d: int, cost: float = 0.0):
         self.lists = lists.long()

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from .._validate import InputError, check_matrix, check_positive_int, to_tensor
-from .ivf import IVFIndex, SearchInfo, _scanned
+from ..numerics import check_score_dtype
+from .ivf import IVFIndex, SearchInfo, _scanned, finish_scores
 
 
 def assign_lists(list_sizes: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -102,6 +103,9 @@ class ShardedIVFIndex:
             index.ids[rows_dev].clone(), metric=index.metric, meta=index.meta,
         )
         self._view = _RoutingView(index)
+        # every rank scans in the whole index's key scale, so the ranks' scores merge as they are
+        self.key_log2, _ = index.scan_range()
+        self.local.scan_range(self.key_log2)
 
     # the facts evaluation reads
     @property
@@ -147,18 +151,21 @@ class ShardedIVFIndex:
         return out.to(self.device)
 
     def search(self, queries, k: int = 10, nprobe: int = 8, router=None, *, scanner: str | None = None,
-               reorder: int = 0, probe_margin=None, return_info: bool = False):
+               reorder: int = 0, probe_margin=None, return_info: bool = False, score_dtype="float32"):
         """``IVFIndex.search`` over the lists of every rank (a collective call: every rank
         calls it with the same queries and arguments)."""
         if scanner not in (None, "exact"):
             raise InputError(f"scanner: a sharded index scans exactly; got {scanner!r}")
-        q = check_matrix(to_tensor(queries, "queries"), "queries", dim=self.d).to(self.device, torch.float32)
+        check_matrix(to_tensor(queries, "queries"), "queries", dim=self.d)
         k = check_positive_int(k, "k")
         nprobe = check_positive_int(nprobe, "nprobe", maximum=self.n_lists)
+        score_dtype = check_score_dtype(score_dtype)
         rt = self.router(router)
-        route = rt.route(q, nprobe, probe_margin)
+        # scaled as the whole index would: every rank derives the same exponents
+        route, sq, e = self.local.prepare_queries(queries, rt, nprobe, probe_margin)
         mine = torch.where(self.owned[route.lists], route.lists, torch.full_like(route.lists, -1))
-        scores, pos = self.local._scanner("exact").search(route.scan_queries, mine, k)
+        _, exact = self.local.scan_range(self.key_log2)
+        scores, pos = exact.search(sq, mine, k)
         pos = pos.to(self.device)
         gpos = torch.where(pos >= 0, self.global_rows[pos.clamp(min=0)], torch.full_like(pos, -1))
         ids = torch.where(pos >= 0, self.local.ids[pos.clamp(min=0)], torch.full_like(pos, -1))
@@ -171,6 +178,7 @@ class ShardedIVFIndex:
                 dist.all_gather(parts, t)
                 gathered.append(torch.cat(parts, 1))
             scores, gpos, ids = merge_topk(*gathered, k)
+        scores = finish_scores(scores, gpos, e, score_dtype)
         if not return_info:
             return scores, ids
         scanned = _scanned(self.global_list_sizes, route.lists)

@@ -17,6 +17,7 @@ from .._validate import (
     to_tensor,
 )
 from ..kernels.mips_topk import mips_topk_ref
+from ..numerics import check_score_dtype
 from .certify import (
     MAX_TOPK,
     Candidates,
@@ -146,11 +147,13 @@ class BatchLabeler:
 
     def finish(self, q: torch.Tensor, state: dict[str, Candidates], q64: torch.Tensor | None = None,
                score_log2: torch.Tensor | None = None, *,
-               exact_scores: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+               exact_scores: bool = False, score_dtype=torch.float32) -> tuple[dict[str, np.ndarray], dict]:
         """Certify and refine. ``q64``: exact fp64 queries (default ``q``); ``score_log2``
         [B]: exponent of the power of two that turns a scaled score into the original one.
         ``exact_scores``: also the exact fp64 scores of the original problem the results were
-        ranked by (``*_score64``), which merging results over key slices needs."""
+        ranked by (``*_score64``), which merging results over key slices needs.
+        ``score_dtype``: of the ``*_score`` outputs; an exact score it cannot hold (beyond its
+        range, or a nonzero score below its normal range) is an InputError, never 0 or inf."""
         if q64 is None:
             q64 = q.double()
         self._lossy_q = not torch.equal(q.double(), q64)
@@ -171,7 +174,8 @@ class BatchLabeler:
                 e = score_log2 if score_log2 is not None else torch.zeros(out[name].shape[0])
                 shape = [-1] + [1] * (out[name].dim() - 1)
                 out[name + "64"] = out[name] * torch.pow(2.0, e.double().to(out[name].device)).view(shape)
-            out[name] = unscale_scores(out[name], score_log2, name.replace("_", " ") + "s")
+            out[name] = unscale_scores(out[name], score_log2, name.replace("_", " ") + "s",
+                                       score_dtype=score_dtype)
         return {name: t.cpu().numpy() for name, t in out.items()}, stats
 
     def _finish_top(self, q, q64, cand: Candidates, stats: dict) -> dict[str, torch.Tensor]:
@@ -240,11 +244,16 @@ class Labeler:
     refinement. ``labeler(queries)`` returns a dict of tensors on the queries' device:
     ``top1_score`` / ``top1_index``, plus ``topk_score`` / ``topk_index`` with ``topk`` and
     ``partition_score`` / ``partition_index`` [nq, P] with ``partition_ids``.
+    ``score_dtype``: ``"float32"`` (default) or ``"float64"``; exact scores that float32
+    cannot hold (beyond 3.4e38, or nonzero below 1.2e-38: inputs of extreme magnitudes) are
+    an InputError naming ``score_dtype`` in float32, and exact in float64.
     """
 
     def __init__(self, keys, *, topk: int | None = None, partition_ids=None,
                  n_partitions: int | None = None, precision: str = "auto",
-                 shard_size: int = 1 << 20, batch_size: int | None = None, device=None):
+                 shard_size: int = 1 << 20, batch_size: int | None = None, device=None,
+                 score_dtype="float32"):
+        self.score_dtype = check_score_dtype(score_dtype)
         self.keys = KeySource(keys, "keys")
         self._keys_device = keys.device if isinstance(keys, torch.Tensor) else None
         if topk is not None:
@@ -284,29 +293,31 @@ class Labeler:
             state = None
             for j in range(self._batch.n_shards):
                 state = self._batch.screen(qb, j, state, q64=qb64)
-            out, _ = self._batch.finish(qb, state, q64=qb64, score_log2=e + self.keys.scale_log2)
+            out, _ = self._batch.finish(qb, state, q64=qb64, score_log2=e + self.keys.scale_log2,
+                                        score_dtype=self.score_dtype)
             for name, arr in out.items():
                 parts.setdefault(name, []).append(arr)
         return {name: _as_output(np.concatenate(arrs), q.device) for name, arrs in parts.items()}
 
 
 def exact_top1(queries, keys, *, precision: str = "auto", batch_size: int | None = None,
-               shard_size: int = 1 << 20, device=None):
+               shard_size: int = 1 << 20, device=None, score_dtype="float32"):
     """Exact maximum inner product: for each query, the best key's score and index.
 
     ``queries`` [nq, d] and ``keys`` [nk, d]: numpy arrays (memory maps are streamed in
     shards of ``shard_size`` keys) or torch tensors (fp16/bf16/fp32/fp64; computed in fp32
     and certified in fp64). Ties resolve to the lowest key index. Returns ``(scores fp32
     [nq], indices int64 [nq])`` on the queries' device. To label many query sets against
-    the same keys, build a :class:`Labeler` once.
+    the same keys, build a :class:`Labeler` once. Inputs of any finite magnitude are exact;
+    scores float32 cannot hold are an InputError unless ``score_dtype="float64"``.
     """
     out = Labeler(keys, precision=precision, shard_size=shard_size, batch_size=batch_size,
-                  device=device)(queries)
+                  device=device, score_dtype=score_dtype)(queries)
     return out["top1_score"], out["top1_index"]
 
 
 def exact_topk(queries, keys, k: int, *, precision: str = "auto", batch_size: int | None = None,
-               shard_size: int = 1 << 20, device=None):
+               shard_size: int = 1 << 20, device=None, score_dtype="float32"):
     """Exact top-k (k <= 128) by inner product, sorted (score desc, index asc).
 
     Returns ``(scores fp32 [nq, k], indices int64 [nq, k])``; when ``k`` exceeds the number of
@@ -314,13 +325,13 @@ def exact_topk(queries, keys, k: int, *, precision: str = "auto", batch_size: in
     """
     k = check_positive_int(k, "k", maximum=MAX_TOPK)
     out = Labeler(keys, topk=k, precision=precision, shard_size=shard_size,
-                  batch_size=batch_size, device=device)(queries)
+                  batch_size=batch_size, device=device, score_dtype=score_dtype)(queries)
     return out["topk_score"], out["topk_index"]
 
 
 def partition_top1(queries, keys, partition_ids, n_partitions: int | None = None, *,
                    precision: str = "auto", batch_size: int | None = None,
-                   shard_size: int = 1 << 20, device=None):
+                   shard_size: int = 1 << 20, device=None, score_dtype="float32"):
     """Per-partition exact top-1 (each IVF list's support value and its best key).
 
     ``partition_ids`` [nk] holds one partition id per key (any order). Returns ``(scores fp32
@@ -328,5 +339,5 @@ def partition_top1(queries, keys, partition_ids, n_partitions: int | None = None
     """
     out = Labeler(keys, partition_ids=partition_ids, n_partitions=n_partitions,
                   precision=precision, shard_size=shard_size, batch_size=batch_size,
-                  device=device)(queries)
+                  device=device, score_dtype=score_dtype)(queries)
     return out["partition_score"], out["partition_index"]

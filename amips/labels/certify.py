@@ -13,6 +13,7 @@ from .._validate import (
     InputError,
     check_matrix,
 )
+from ..numerics import RANGE_LOG2, range_exponent, unscale_rows  # noqa: F401 (re-exported)
 
 MAX_TOPK = 128
 # Per query (or query-list pair), at most max(CANDIDATE_CAP, 4k) screened candidates are
@@ -33,17 +34,10 @@ def _cap(k: int) -> int:
 # Vectors whose largest |element| lies in [2^-RANGE_LOG2, 2^RANGE_LOG2] are used as they
 # are (the common case: bit-identical to an unscaled run); others are scaled to [0.5, 1).
 # In the scaled domain |q_i k_i| <= 2^60 and sums <= d 2^60 < 2^84: no fp32 overflow.
-RANGE_LOG2 = 30
+# (RANGE_LOG2 and range_exponent live in amips.numerics, shared with search)
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 # dtypes whose conversion to fp32 is exact (others add the conversion term of range_slack)
 _EXACT_IN_FP32 = {"float32", "float16", "bfloat16", "int8", "uint8", "int16", "uint16", "bool"}
-
-
-def range_exponent(max_abs: float) -> int:
-    """0 when ``max_abs`` is in the safe range (or 0), else e with max_abs * 2^-e in [0.5, 1)."""
-    if max_abs == 0.0 or 2.0**-RANGE_LOG2 <= max_abs <= 2.0**RANGE_LOG2:
-        return 0
-    return math.frexp(max_abs)[1]
 
 
 def range_slack(qn: torch.Tensor, key_norm: torch.Tensor, d: int, lossy: bool) -> torch.Tensor:
@@ -88,28 +82,17 @@ def scale_queries(block, device: torch.device) -> tuple[torch.Tensor, torch.Tens
     return q64.float(), q64, e
 
 
-def unscale_scores(s64: torch.Tensor, e: torch.Tensor | None, name: str = "scores") -> torch.Tensor:
-    """Exact fp64 scores of the scaled problem -> fp32 scores of the original one.
+def unscale_scores(s64: torch.Tensor, e: torch.Tensor | None, name: str = "scores",
+                   score_dtype=torch.float32) -> torch.Tensor:
+    """Exact fp64 scores of the scaled problem -> scores of the original one in
+    ``score_dtype`` (float32, the default, or float64).
 
-    Raises InputError when an exact score lies beyond the fp32 range of the outputs: the
-    ranking is exact, but the score cannot be returned as float32.
+    Raises InputError when an exact score cannot be held by ``score_dtype``: beyond its
+    range, or a row whose largest nonzero |score| is below its smallest normal number (fp32:
+    1.2e-38, where 0.0 or a few-bit subnormal would stand for an exact score). The ranking
+    is exact either way; only the scores' storage is refused.
     """
-    out = s64
-    if e is not None and bool((e != 0).any()):
-        shape = [-1] + [1] * (s64.dim() - 1)
-        out = s64 * torch.pow(2.0, e.double().to(s64.device)).view(shape)
-    finite_in = torch.isfinite(s64)
-    too_big = finite_in & (~torch.isfinite(out) | (out.abs() > FLOAT32_MAX))
-    if bool(too_big.any()):
-        peak = float(out[finite_in].abs().max())
-        peak_txt = f"{peak:.3g}" if math.isfinite(peak) else "beyond 1e308"
-        raise InputError(
-            f"queries, keys: the exact {name} reach {peak_txt}, beyond the float32 range of "
-            f"the outputs (|score| <= 3.4e38); the labels would be exact but their scores "
-            f"cannot be stored: scale the queries or the keys down (by a power of two, e.g. "
-            f"keys * 2**-64, which changes no label)"
-        )
-    return out.float()
+    return unscale_rows(s64, e, score_dtype, what=f"the exact {name}", names="queries, keys")
 
 
 # ----------------------------------------------------------------------------------------
