@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 
 from ._audit import AuditCase, DeviceSpec, dedupe
-from ._backend import launch_or_fallback, triton_available, use_triton
+from ._backend import KernelFailure, launch_or_fallback, triton_available, use_triton
 
 if triton_available():
     import triton
@@ -259,7 +259,7 @@ def mol_tile_max(query_components, query_gate, items, item_gate, w1, b1, w2, b2,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
         if bool(torch.isnan(out).any()):  # a miscompiled screen must not drop tiles silently
-            raise RuntimeError("_mol_tile_max_kernel produced NaN tile maxima")
+            raise KernelFailure("_mol_tile_max_kernel produced NaN tile maxima")
         return out
 
     return launch_or_fallback("_mol_tile_max_kernel", launch, lambda: reference(bn)), bn
