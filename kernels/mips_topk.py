@@ -20,20 +20,31 @@ displace an entry; the entry displaced is the smallest, the highest index among 
 Precision and the screening bound
 ---------------------------------
 ``precision`` selects the dot's input precision: ``"ieee"`` (exact fp32 products, fp32
-accumulation), ``"tf32"`` or ``"bf16"`` (inputs rounded, tensor cores; fp32 accumulation).
-For any summation order, with ``u`` the input rounding unit and ``gamma_d = d*2^-24 /
-(1 - d*2^-24)``, the computed score ``s~`` obeys
+accumulation on FMA units, round to nearest), ``"tf32"`` or ``"bf16"`` (inputs rounded,
+tensor cores, fp32 accumulation). For any summation order, with ``u`` the input rounding
+unit and ``gamma_n(v) = n v / (1 - n v)``, the computed score ``s~`` obeys
 
-    |s~ - <q, k>| <= ((1 + u)^2 (1 + gamma_d) - 1) * sum_i |q_i k_i|
+    |s~ - <q, k>| <= ((1 + u)^2 (1 + gamma) - 1) * sum_i |q_i k_i|
                  <= c(d, precision) * ||q|| * ||k||            (Cauchy-Schwarz)
 
-with ``u = 0`` (ieee), ``2^-10`` (tf32, truncation allowed), ``2^-8`` (bf16). When the result
-itself is stored in bf16 (the CPU bf16 screen) one more factor ``(1 + 2^-8)`` applies.
-:func:`screening_error_bound` returns ``c``, inflated by 1e-3 relative for the arithmetic of
-the bound itself. ``amips.labels`` uses it to *certify* screened results: a key whose
-screened score plus its bound falls below the best lower bound cannot be the answer; the
-remaining candidates are re-scored in fp64, and a query whose candidate set overflows falls
-back to a full fp64 scan.
+with ``u = 0`` (ieee), ``2^-10`` (tf32, truncation allowed), ``2^-8`` (bf16), and the
+accumulation term ``gamma``:
+
+- round-to-nearest fp32 accumulation (``ieee`` on FMA units, CPU BLAS): ``gamma_d(2^-24)``;
+- tensor-core accumulation (``tf32``, ``bf16``, fp16, on any path: the fused kernel or
+  cuBLAS): ``gamma_2d(2^-23)``. Tensor cores may truncate instead of rounding (unit 2^-23,
+  one ulp), and an MMA adds a k-block of b products to the accumulator at once, aligning
+  every addend to the largest and truncating each: per block at most b + 1 truncations of
+  one unit of the largest term plus the final normalisation, so at most 2d units over d
+  products for any b >= 1.
+
+When the result itself is stored in bf16 (the CPU bf16 screen, cuBLAS bf16 output) one
+more factor ``(1 + 2^-8)`` applies. ``operands_exact`` drops ``u`` for callers whose
+inputs already are in the operand type. :func:`screening_error_bound` returns ``c``,
+inflated by 1e-3 relative for the arithmetic of the bound itself. ``amips.labels`` uses it
+to *certify* screened results: a key whose screened score plus its bound falls below the
+best lower bound cannot be the answer; the remaining candidates are re-scored in fp64, and
+a query whose candidate set overflows falls back to a full fp64 scan.
 
 Shapes and dtypes: queries and keys fp32 (fp16/bf16 inputs are upcast by the caller),
 contiguous rows; ``offsets`` int64 ``[n_segments + 1]``. Outputs: scores fp32
@@ -62,19 +73,35 @@ _U_IN = {"ieee": 0.0, "fp32": 0.0, "fp64": 0.0, "tf32": 2.0**-10, "bf16": 2.0**-
 _INT32_MAX = 2**31 - 1
 
 
-def screening_error_bound(d: int, precision: str, *, bf16_output: bool = False) -> float:
-    """Constant ``c`` with ``|s~ - <q,k>| <= c ||q|| ||k||`` for a screened score (see module doc)."""
+# Precisions that run on tensor cores: fp32 accumulation may truncate (see the module doc).
+TENSOR_CORE_PRECISIONS = ("tf32", "bf16")
+
+
+def accumulation_error_bound(d: int, precision: str) -> float:
+    """``gamma`` of the module doc: the fp32 accumulation's share of the screening bound."""
     if precision not in _U_IN:
         raise ValueError(f"precision: expected one of {sorted(_U_IN)}, got {precision!r}")
     if precision == "fp64":
-        acc_u = 2.0**-53
-        gamma = d * acc_u / (1 - d * acc_u)
-        return gamma * (1 + 1e-3)
-    acc_u = 2.0**-24
-    if d * acc_u >= 0.5:
+        n, unit = d, 2.0**-53
+    elif precision in TENSOR_CORE_PRECISIONS:
+        n, unit = 2 * d, 2.0**-23  # truncating, block-aligned accumulation
+    else:
+        n, unit = d, 2.0**-24  # round to nearest, one addition per product
+    if n * unit >= 0.5:
         raise ValueError(f"d: {d} is too large for an fp32 error bound")
-    gamma = d * acc_u / (1 - d * acc_u)
-    u = _U_IN[precision]
+    return n * unit / (1 - n * unit)
+
+
+def screening_error_bound(d: int, precision: str, *, bf16_output: bool = False,
+                          operands_exact: bool = False) -> float:
+    """Constant ``c`` with ``|s~ - <q,k>| <= c ||q|| ||k||`` for a screened score (see module doc).
+
+    ``operands_exact``: the inputs already are in the operand type (bf16 data screened in
+    bf16, say), so no input rounding enters."""
+    gamma = accumulation_error_bound(d, precision)
+    if precision == "fp64":
+        return gamma * (1 + 1e-3)
+    u = 0.0 if operands_exact else _U_IN[precision]
     c = (1 + u) ** 2 * (1 + gamma) - 1
     if bf16_output:
         c = (1 + c) * (1 + 2.0**-8) - 1
@@ -644,6 +671,8 @@ __all__ = [
     "top1_merged",
     "audit_cases",
     "screening_error_bound",
+    "accumulation_error_bound",
+    "TENSOR_CORE_PRECISIONS",
     "mips_topk",
     "mips_topk_ref",
     "backend_name",
