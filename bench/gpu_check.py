@@ -403,22 +403,24 @@ def step_labels(ctx: Ctx) -> None:
     scale = torch.tensor([kn], device=dev)
     q_op, k_op = (qb, kb) if dev == "cuda" else (queries, ks)  # the interpreter has no bf16 dot
     res = {}
-
-    def screen():
-        res["r"] = mips_top1(q_op, k_op, window=window, segment_scale=scale, near=8)
-
-    screen()
-    _sync_device(dev)
     shard_best, _ = _fp64_best(queries[pick], ks)
-    screened = res["r"].score.amax(1)[pick].double()
-    err = (screened - shard_best).abs() / (qn[pick] * kn)
-    ctx.row(bench, "bf16 screen kernel (one shard)", "max |screened - fp64| / (|q| max|k|)",
-            float(err.max()), f"bound c = {c:.3g}", nk=shard, nq=nq, d=d)
-    if bool((err > c).any()):
-        raise AssertionError(f"bf16 screen outside its error bound: {float(err.max()):.3g} > {c:.3g}")
-    t_s, how = ctx.time(screen)
-    ctx.row(bench, "bf16 screen kernel (one shard)", "TFLOP/s", 2.0 * nq * shard * d / t_s / 1e12,
-            how, nk=shard, nq=nq, d=d)
+    # both loops of the top-1 kernel: the tile loop (the default) and the flattened one
+    for kind in ("tiled", "flat"):
+        name = f"bf16 screen kernel, {kind} loop (one shard)"
+
+        def screen(kind=kind):
+            res["r"] = mips_top1(q_op, k_op, window=window, segment_scale=scale, near=8, kernel=kind)
+
+        screen()
+        _sync_device(dev)
+        screened = res["r"].score.amax(1)[pick].double()
+        err = (screened - shard_best).abs() / (qn[pick] * kn)
+        ctx.row(bench, name, "max |screened - fp64| / (|q| max|k|)", float(err.max()),
+                f"bound c = {c:.3g}", nk=shard, nq=nq, d=d)
+        if bool((err > c).any()):
+            raise AssertionError(f"{name} outside its error bound: {float(err.max()):.3g} > {c:.3g}")
+        t_s, how = ctx.time(screen)
+        ctx.row(bench, name, "TFLOP/s", 2.0 * nq * shard * d / t_s / 1e12, how, nk=shard, nq=nq, d=d)
 
     nr = min(nq, s["rescreen_nq"])
     q32 = queries[:nr].contiguous()
