@@ -214,18 +214,13 @@ def _c_compiler() -> str | None:
 def _tiny_kernel_launch(device: str) -> None:
     """Compile and launch one tiny Triton kernel and check its result."""
     import torch
-    import triton
-    import triton.language as tl
 
-    @triton.jit
-    def _preflight_axpy(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        tl.store(y_ptr + offs, 2.0 * tl.load(x_ptr + offs, mask=mask) + 1.0, mask=mask)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _preflight_kernel
 
     x = torch.arange(1000, dtype=torch.float32, device=device)
     y = torch.empty_like(x)
-    _preflight_axpy[(triton.cdiv(1000, 256),)](x, y, 1000, BLOCK=256)
+    _preflight_kernel.launch(x, y)
     _sync_device(device)
     if not torch.equal(y, 2 * x + 1):
         raise PreflightError("preflight: a tiny Triton kernel ran but returned wrong values")
@@ -606,7 +601,8 @@ def step_icnn(ctx: Ctx) -> None:
         grads = torch.autograd.grad(loss, list(net.parameters()), allow_unused=True)
         outs.append((f.detach(), key.detach().float(),
                      [gr.detach().float() for gr in grads if gr is not None]))
-    tol = 3e-2 if bf16 else 1e-4  # bf16 operands on a GPU; exact fp32 in the interpreter
+    # bf16 operands on a GPU (the two paths round differently); exact fp32 in the interpreter
+    tol = 5e-2 if bf16 else 1e-4
     worst = 0.0
     for a, b in zip([outs[0][0], outs[0][1], *outs[0][2]], [outs[1][0], outs[1][1], *outs[1][2]]):
         scale = float(b.abs().max()) + 1e-12
@@ -681,9 +677,11 @@ def step_mol(ctx: Ctx) -> None:
         raise AssertionError(f"MoL screen outside its margin: {err:.3g} > {screen_margin(items.dtype):.3g}")
     t, how = ctx.time(screen)
     ctx.row("mol screen", "amips mol_tile_max", "query-items/s", nq * n / t, how, **params)
-    if dev == "cuda" or n * nq <= 1 << 16:
-        t_ref, how = ctx.time(lambda: mol_tile_max_ref(qc, qgate, items, igate, w1, b1, w2, b2, tau, bn))
-        ctx.row("mol screen", "torch path (mol_tile_max_ref)", "query-items/s", nq * n / t_ref, how, **params)
+    n_ref = min(n, max(bn, (1 << 17) // bn * bn))  # the torch path on a slice of the items
+    t_ref, how = ctx.time(lambda: mol_tile_max_ref(qc, qgate, items[:n_ref], igate[:n_ref], w1, b1, w2,
+                                                   b2, tau, bn))
+    ctx.row("mol screen", "torch path (mol_tile_max_ref)", "query-items/s", nq * n_ref / t_ref,
+            f"{how}; first {n_ref} items", **params)
 
 
 def step_tests(ctx: Ctx, deadline_s: float) -> None:
@@ -692,7 +690,15 @@ def step_tests(ctx: Ctx, deadline_s: float) -> None:
     if importlib.util.find_spec("pytest") is None:
         ctx.row("gpu tests", "pytest -m gpu", "status", "skipped: pytest is not installed")
         return
-    targets = ["tests/test_pq_scan.py"] if ctx.smoke else ["tests"]
+    # only the files that hold gpu-marked tests: collecting the whole suite would import
+    # what the GPU image may lack (faiss, scann, hnswlib)
+    targets = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+                     if "pytest.mark.gpu" in p.read_text())
+    if ctx.smoke:
+        targets = [t for t in targets if t.endswith("test_pq_scan.py")]
+    if not targets:
+        ctx.row("gpu tests", "pytest -m gpu", "status", "skipped: no gpu-marked tests found")
+        return
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-x", "-p", "no:cacheprovider", *targets]
     t0 = time.perf_counter()
     try:
@@ -908,9 +914,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_smoke:
         env["TRITON_INTERPRET"] = "1"
     else:
-        for var in ("TRITON_INTERPRET", "AMIPS_BACKEND"):
-            if env.get(var, "") not in ("",):
+        for var, harmless in (("TRITON_INTERPRET", ("", "0")), ("AMIPS_BACKEND", ("",))):
+            if env.get(var, "") not in harmless:
                 cleared.append(f"{var}={env.pop(var)}")
+            env.pop(var, None)
     env["AMIPS_STRICT_KERNELS"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     rows = Rows(args.out, "cpu" if args.cpu_smoke else "cuda", t0)
