@@ -7,6 +7,8 @@ learned routing. Exact labels come from certified-exact Triton/torch kernels.
 
 __version__ = "0.1.0"
 
+# first: in a plain source tree, binds kernels/ (beside amips/) as amips.kernels
+from . import _kernels_path  # noqa: F401
 from ._validate import InputError
 from .data import Dataset, load_array, load_dataset, synthetic
 from .index import IVFIndex

@@ -13,7 +13,7 @@ import os
 import torch
 
 try:  # Triton ships for Linux only; amips still works (torch paths) without it.
-    import triton  # noqa: F401
+    import triton
     import triton.language as tl  # noqa: F401
 
     _HAVE_TRITON = True
@@ -53,25 +53,79 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 # --- CUDA fallback: a kernel that fails to compile or launch never hides -----------------
 
 _FALLBACKS: list[dict] = []
+_STRICT = False
+
+
+class KernelFailure(RuntimeError):
+    """Raised inside a launch closure for a kernel result that proves the kernel broken (a
+    NaN the maths cannot produce, say): handled like a compile or launch failure."""
+
+
+class KernelFallbackError(RuntimeError):
+    """A Triton kernel failed to compile or launch while fallbacks are forbidden (strict)."""
+
+    def __init__(self, kernel_name: str, message: str):
+        super().__init__(f"Triton kernel {kernel_name} failed to compile or launch ({message}); "
+                         f"strict mode forbids the torch fallback")
+        self.kernel_name = kernel_name
+
+
+def set_strict(on: bool) -> None:
+    """Strict mode: a kernel that fails to compile or launch raises
+    :class:`KernelFallbackError` instead of falling back (also ``AMIPS_STRICT_KERNELS=1``).
+    Benchmarks and the GPU check run strict, so a row never measures the torch path."""
+    global _STRICT
+    _STRICT = bool(on)
+
+
+def strict() -> bool:
+    return _STRICT or os.environ.get("AMIPS_STRICT_KERNELS", "").strip() not in ("", "0")
+
+
+def _raised_by_triton(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of Triton itself (compiler, launcher build, launch), or is a
+    :class:`KernelFailure`: only those may fall back. Errors of the torch code around the
+    launch (grouping, allocation, top-k) and out-of-memory errors always propagate."""
+    if isinstance(exc, KernelFailure):
+        return True
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)) or not _HAVE_TRITON:
+        return False
+    if type(exc).__module__.split(".")[0] == "triton":  # CompilationError, OutOfResources, ...
+        return True
+    root = os.path.dirname(os.path.abspath(triton.__file__)) + os.sep
+    tb = exc.__traceback__
+    while tb is not None:
+        if os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(root):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def launch_or_fallback(kernel_name: str, launch, fallback):
     """Run ``launch()``; if the Triton kernel fails to compile or launch, run ``fallback()``.
 
-    Only on real devices: under the interpreter, or with ``AMIPS_BACKEND=triton``, errors
-    propagate (tests must see them). Each fallback emits one ``RuntimeWarning`` naming the
-    kernel and the compiler's error, and is recorded in :func:`fallback_events` so that
-    benchmarks and ``bench/gpu_check.py`` count it as a failure.
+    Only failures raised inside Triton (or a :class:`KernelFailure`) fall back; any other
+    exception of ``launch`` propagates unchanged. Only on real devices: under the
+    interpreter, or with ``AMIPS_BACKEND=triton``, errors propagate (tests must see them);
+    in strict mode (:func:`set_strict`, ``AMIPS_STRICT_KERNELS=1``) a failure raises
+    :class:`KernelFallbackError` naming the kernel. Otherwise each fallback emits one
+    ``RuntimeWarning`` naming the kernel and the compiler's error, and is recorded in
+    :func:`fallback_events` so that benchmarks and ``bench/gpu_check.py`` count it as a
+    failure.
     """
     import warnings
 
-    strict = interpreter_on() or os.environ.get("AMIPS_BACKEND", "").strip().lower() == "triton"
-    if strict:
+    if interpreter_on() or os.environ.get("AMIPS_BACKEND", "").strip().lower() == "triton":
         return launch()
     try:
         return launch()
-    except Exception as exc:  # noqa: BLE001 - any compile/launch error; reported below
-        msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    except Exception as exc:  # noqa: BLE001 - filtered below: only Triton's own failures
+        if not _raised_by_triton(exc):
+            raise
+        text = str(exc).strip()
+        msg = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+        if strict():
+            raise KernelFallbackError(kernel_name, msg) from exc
         _FALLBACKS.append({"kernel": kernel_name, "error": msg})
         warnings.warn(
             f"amips: Triton kernel {kernel_name} failed ({msg}); using the torch path instead",

@@ -20,20 +20,31 @@ displace an entry; the entry displaced is the smallest, the highest index among 
 Precision and the screening bound
 ---------------------------------
 ``precision`` selects the dot's input precision: ``"ieee"`` (exact fp32 products, fp32
-accumulation), ``"tf32"`` or ``"bf16"`` (inputs rounded, tensor cores; fp32 accumulation).
-For any summation order, with ``u`` the input rounding unit and ``gamma_d = d*2^-24 /
-(1 - d*2^-24)``, the computed score ``s~`` obeys
+accumulation on FMA units, round to nearest), ``"tf32"`` or ``"bf16"`` (inputs rounded,
+tensor cores, fp32 accumulation). For any summation order, with ``u`` the input rounding
+unit and ``gamma_n(v) = n v / (1 - n v)``, the computed score ``s~`` obeys
 
-    |s~ - <q, k>| <= ((1 + u)^2 (1 + gamma_d) - 1) * sum_i |q_i k_i|
+    |s~ - <q, k>| <= ((1 + u)^2 (1 + gamma) - 1) * sum_i |q_i k_i|
                  <= c(d, precision) * ||q|| * ||k||            (Cauchy-Schwarz)
 
-with ``u = 0`` (ieee), ``2^-10`` (tf32, truncation allowed), ``2^-8`` (bf16). When the result
-itself is stored in bf16 (the CPU bf16 screen) one more factor ``(1 + 2^-8)`` applies.
-:func:`screening_error_bound` returns ``c``, inflated by 1e-3 relative for the arithmetic of
-the bound itself. ``amips.labels`` uses it to *certify* screened results: a key whose
-screened score plus its bound falls below the best lower bound cannot be the answer; the
-remaining candidates are re-scored in fp64, and a query whose candidate set overflows falls
-back to a full fp64 scan.
+with ``u = 0`` (ieee), ``2^-10`` (tf32, truncation allowed), ``2^-8`` (bf16), and the
+accumulation term ``gamma``:
+
+- round-to-nearest fp32 accumulation (``ieee`` on FMA units, CPU BLAS): ``gamma_d(2^-24)``;
+- tensor-core accumulation (``tf32``, ``bf16``, fp16, on any path: the fused kernel or
+  cuBLAS): ``gamma_2d(2^-23)``. Tensor cores may truncate instead of rounding (unit 2^-23,
+  one ulp), and an MMA adds a k-block of b products to the accumulator at once, aligning
+  every addend to the largest and truncating each: per block at most b + 1 truncations of
+  one unit of the largest term plus the final normalisation, so at most 2d units over d
+  products for any b >= 1.
+
+When the result itself is stored in bf16 (the CPU bf16 screen, cuBLAS bf16 output) one
+more factor ``(1 + 2^-8)`` applies. ``operands_exact`` drops ``u`` for callers whose
+inputs already are in the operand type. :func:`screening_error_bound` returns ``c``,
+inflated by 1e-3 relative for the arithmetic of the bound itself. ``amips.labels`` uses it
+to *certify* screened results: a key whose screened score plus its bound falls below the
+best lower bound cannot be the answer; the remaining candidates are re-scored in fp64, and
+a query whose candidate set overflows falls back to a full fp64 scan.
 
 Shapes and dtypes: queries and keys fp32 (fp16/bf16 inputs are upcast by the caller),
 contiguous rows; ``offsets`` int64 ``[n_segments + 1]``. Outputs: scores fp32
@@ -43,6 +54,7 @@ contiguous rows; ``offsets`` int64 ``[n_segments + 1]``. Outputs: scores fp32
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -58,23 +70,40 @@ else:  # pragma: no cover
     tl = None
 
 PRECISIONS = ("ieee", "tf32", "bf16")
+KERNELS = ("tiled", "flat")
 _U_IN = {"ieee": 0.0, "fp32": 0.0, "fp64": 0.0, "tf32": 2.0**-10, "bf16": 2.0**-8}
 _INT32_MAX = 2**31 - 1
 
 
-def screening_error_bound(d: int, precision: str, *, bf16_output: bool = False) -> float:
-    """Constant ``c`` with ``|s~ - <q,k>| <= c ||q|| ||k||`` for a screened score (see module doc)."""
+# Precisions that run on tensor cores: fp32 accumulation may truncate (see the module doc).
+TENSOR_CORE_PRECISIONS = ("tf32", "bf16")
+
+
+def accumulation_error_bound(d: int, precision: str) -> float:
+    """``gamma`` of the module doc: the fp32 accumulation's share of the screening bound."""
     if precision not in _U_IN:
         raise ValueError(f"precision: expected one of {sorted(_U_IN)}, got {precision!r}")
     if precision == "fp64":
-        acc_u = 2.0**-53
-        gamma = d * acc_u / (1 - d * acc_u)
-        return gamma * (1 + 1e-3)
-    acc_u = 2.0**-24
-    if d * acc_u >= 0.5:
+        n, unit = d, 2.0**-53
+    elif precision in TENSOR_CORE_PRECISIONS:
+        n, unit = 2 * d, 2.0**-23  # truncating, block-aligned accumulation
+    else:
+        n, unit = d, 2.0**-24  # round to nearest, one addition per product
+    if n * unit >= 0.5:
         raise ValueError(f"d: {d} is too large for an fp32 error bound")
-    gamma = d * acc_u / (1 - d * acc_u)
-    u = _U_IN[precision]
+    return n * unit / (1 - n * unit)
+
+
+def screening_error_bound(d: int, precision: str, *, bf16_output: bool = False,
+                          operands_exact: bool = False) -> float:
+    """Constant ``c`` with ``|s~ - <q,k>| <= c ||q|| ||k||`` for a screened score (see module doc).
+
+    ``operands_exact``: the inputs already are in the operand type (bf16 data screened in
+    bf16, say), so no input rounding enters."""
+    gamma = accumulation_error_bound(d, precision)
+    if precision == "fp64":
+        return gamma * (1 + 1e-3)
+    u = 0.0 if operands_exact else _U_IN[precision]
     c = (1 + u) ** 2 * (1 + gamma) - 1
     if bf16_output:
         c = (1 + c) * (1 + 2.0**-8) - 1
@@ -208,6 +237,122 @@ if triton is not None:
         tl.store(lost_ptr + out_row, lost, mask=row_mask)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _top1_tile_epilogue(scores, cols, seg_end, best, best_i, lost, near, win, row_mask, slots,
+                            near_i_ptr, out_row, NEAR: tl.constexpr, EMIT: tl.constexpr):
+        """Fold one tile's scores into the running best and the window buffer (the rule of
+        ``_mips_top1_kernel``'s epilogue)."""
+        scores = tl.where((cols < seg_end)[None, :], scores, float("-inf"))
+        m = tl.max(scores, axis=1)
+        j = tl.min(tl.where(scores == m[:, None], cols[None, :], 2147483647), axis=1)
+        upd = m > best  # strict: an earlier (lower-index) key keeps a tie
+        best = tl.where(upd, m, best)
+        best_i = tl.where(upd, j, best_i)
+        thr = best - win
+        emit = (m >= thr) & (m > float("-inf")) & row_mask
+        if tl.max(emit.to(tl.int32), axis=0) > 0:  # rare: a key inside the window
+            for _e in tl.static_range(EMIT):
+                low = tl.min(near, axis=1)
+                low_slot = tl.min(tl.where(near == low[:, None], slots[None, :], NEAR), axis=1)
+                put = emit & (m > low)
+                lost = tl.maximum(lost, tl.where(emit, tl.minimum(m, low), float("-inf")))
+                near = tl.where(put[:, None] & (slots[None, :] == low_slot[:, None]), m[:, None], near)
+                tl.store(near_i_ptr + out_row * NEAR + low_slot, j, mask=put)
+                scores = tl.where(cols[None, :] == j[:, None], float("-inf"), scores)
+                m = tl.max(scores, axis=1)
+                j = tl.min(tl.where(scores == m[:, None], cols[None, :], 2147483647), axis=1)
+                emit = (m >= thr) & (m > float("-inf")) & row_mask
+            lost = tl.maximum(lost, tl.where(emit, m, float("-inf")))
+        return best, best_i, lost, near
+
+    @triton.jit
+    def _mips_top1_flat_kernel(
+        q_ptr,
+        k_ptr,
+        offsets_ptr,
+        window_ptr,
+        scale_ptr,
+        best_s_ptr,
+        best_i_ptr,
+        near_s_ptr,
+        near_i_ptr,
+        lost_ptr,
+        nq,
+        d,
+        n_seg,
+        stride_qm,
+        stride_kn,
+        NEAR: tl.constexpr,
+        EMIT: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        EVEN_D: tl.constexpr,
+        ALIGNED: tl.constexpr,
+        PRECISION: tl.constexpr,
+        STAGES: tl.constexpr,
+    ):
+        """``_mips_top1_kernel`` with ONE loop over (key tile, d chunk) pairs, so Triton's
+        software pipeliner streams operand loads across key tiles: the next tile's first
+        chunks are in flight while this tile's last product and its epilogue run, instead of
+        every key tile restarting the pipeline's prologue (the d > one-chunk case)."""
+        pid_m = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        seg_start = tl.load(offsets_ptr + pid_s).to(tl.int32)
+        seg_end = tl.load(offsets_ptr + pid_s + 1).to(tl.int32)
+
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < nq
+        n_range = tl.arange(0, BLOCK_N)
+        d_range = tl.arange(0, BLOCK_D)
+        slots = tl.arange(0, NEAR)
+        win = tl.load(window_ptr + rows, mask=row_mask, other=0.0) * tl.load(scale_ptr + pid_s)
+        out_row = rows.to(tl.int64) * n_seg + pid_s
+
+        q_rows = tl.minimum(rows, nq - 1) - pid_m * BLOCK_M
+        q_base = q_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_qm
+        q_off = q_rows[:, None] * stride_qm + d_range[None, :]
+
+        best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        best_i = tl.full((BLOCK_M,), -1, tl.int32)
+        lost = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        near = tl.full((BLOCK_M, NEAR), float("-inf"), tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+
+        n_chunks = tl.cdiv(d, BLOCK_D)
+        n_tiles = tl.cdiv(seg_end - seg_start, BLOCK_N)
+        for it in tl.range(0, n_tiles * n_chunks, num_stages=STAGES):
+            t = it // n_chunks
+            d0 = (it - t * n_chunks) * BLOCK_D
+            n0 = seg_start + t * BLOCK_N
+            k_base = k_ptr + n0.to(tl.int64) * stride_kn
+            k_off = tl.minimum(n_range, seg_end - 1 - n0)[None, :] * stride_kn + d_range[:, None]
+            if EVEN_D:
+                q_ptrs = q_base + d0 + q_off
+                k_ptrs = k_base + d0 + k_off
+                if ALIGNED:  # launcher-checked: 16-byte aligned rows
+                    q_ptrs = tl.max_contiguous(tl.multiple_of(q_ptrs, [16, 16]), [1, BLOCK_D])
+                    k_ptrs = tl.max_contiguous(tl.multiple_of(k_ptrs, [16, 16]), [BLOCK_D, 1])
+                q = tl.load(q_ptrs)
+                kt = tl.load(k_ptrs)
+            else:
+                q = tl.load(q_base + d0 + q_off, mask=(d0 + d_range < d)[None, :], other=0.0)
+                kt = tl.load(k_base + d0 + k_off, mask=(d0 + d_range < d)[:, None], other=0.0)
+            acc = tl.dot(q, kt, acc, input_precision=PRECISION, out_dtype=tl.float32)
+            if d0 + BLOCK_D >= d:  # the tile's last chunk: its epilogue, then a fresh tile
+                best, best_i, lost, near = _top1_tile_epilogue(
+                    acc, n0 + n_range, seg_end, best, best_i, lost, near, win, row_mask, slots,
+                    near_i_ptr, out_row, NEAR, EMIT)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+
+        tl.store(near_s_ptr + out_row[:, None] * NEAR + slots[None, :], near, mask=row_mask[:, None])
+        tl.store(best_s_ptr + out_row, best, mask=row_mask)
+        tl.store(best_i_ptr + out_row, best_i, mask=row_mask)
+        tl.store(lost_ptr + out_row, lost, mask=row_mask)
+
+
 def _check_offsets(offsets: torch.Tensor, n_keys: int) -> None:
     if offsets.dim() != 1 or offsets.numel() < 2 or offsets.dtype != torch.int64:
         raise ValueError("offsets: expected an int64 vector [n_segments + 1]")
@@ -306,7 +451,8 @@ _SMEM_SLACK = 16384
 
 
 def mips_top1_launch_config(nq: int, nk: int, d: int, *, n_segments: int | None = None,
-                            operand: str = "bf16", near: int = 8, device) -> dict:
+                            operand: str = "bf16", near: int = 8, device,
+                            kernel: str = "tiled") -> dict:
     """Block sizes, warps, stages and key splits of :func:`mips_top1` on a CUDA device.
 
     Pure function of the shapes and ``device`` (a :class:`kernels._audit.DeviceSpec`): the
@@ -314,9 +460,14 @@ def mips_top1_launch_config(nq: int, nk: int, d: int, *, n_segments: int | None 
     segments (IVF partitions) when the caller passes ``offsets``; without it the launcher
     splits the key range itself (``splits``) so that small query counts still fill the SMs.
 
+    ``kernel``: ``"tiled"`` (the default: a loop over key tiles, the d chunks inside) or
+    ``"flat"`` (one loop over (key tile, d chunk) pairs; docs/kernels.md says why it is not the
+    default before a GPU has timed both); with one chunk both are the tile loop.
+
     Rule: 16-bit operands use 128 x 128 tiles (64 rows when there are at most 64 queries) and
     64-wide d chunks, or one chunk holding the whole query row when d <= 128 (the query tile
-    is then loaded once per program); tf32 uses 32-wide chunks; exact ieee fp32 runs on FMA
+    is then loaded once per program); tf32 uses 32-wide chunks (the flat kernel on Hopper
+    with 128-row tiles: 32 bf16 / 16 tf32, for its registers); exact ieee fp32 runs on FMA
     units with 64 x 64 tiles and 8 warps. On Ampere (mma.sync, operands in registers) 8
     warps and 64-key tiles always. Stages: as many as fit the device's shared memory, at most 4
     (Hopper) or 3 (Ampere). Splits: enough key ranges that the grid holds >= 2 programs per
@@ -324,6 +475,8 @@ def mips_top1_launch_config(nq: int, nk: int, d: int, *, n_segments: int | None 
     """
     if operand not in OPERANDS:
         raise ValueError(f"operand: expected one of {OPERANDS}, got {operand!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     if near not in (4, 8, 16):
         raise ValueError(f"near: expected 4, 8 or 16, got {near}")
     elem = 2 if operand in ("bf16", "fp16") else 4
@@ -340,6 +493,11 @@ def mips_top1_launch_config(nq: int, nk: int, d: int, *, n_segments: int | None 
             block_d, one_chunk = max(16, _next_pow2(d)), True
         else:
             block_d, one_chunk = (64 if elem == 2 else 32), False
+        if kernel == "flat" and not one_chunk and device.arch >= 90 and block_m == 128:
+            # the flattened loop keeps every in-flight stage's addresses in registers: with
+            # 128 x 128 tiles, 8 KB operand chunks (32 bf16 / 16 tf32 wide) x 4 stages is what
+            # fits 255 registers without spilling (64-wide chunks spilled with 4 window slots)
+            block_d = 32 if elem == 2 else 16
         if device.arch < 90:
             # mma.sync keeps both operand fragments in registers: 8 warps and 64-key tiles
             # keep the tile and its epilogue spill-free (128-key tiles with the 8-wide
@@ -361,8 +519,11 @@ def mips_top1_launch_config(nq: int, nk: int, d: int, *, n_segments: int | None 
         splits = max(1, min(want, nk // (4 * block_n)))
     else:
         splits = None
+    if one_chunk:
+        kernel = "tiled"  # one chunk: the tile loop already is the one pipelined loop
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "ONE_CHUNK": one_chunk,
-            "NEAR": near, "EMIT": 2, "num_warps": warps, "num_stages": stages, "splits": splits}
+            "NEAR": near, "EMIT": 2, "num_warps": warps, "num_stages": stages, "splits": splits,
+            "KERNEL": kernel}
 
 
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16, "num_warps": 4, "num_stages": 1}
@@ -462,7 +623,7 @@ def mips_top1_ref(queries, keys, offsets=None, *, window=None, segment_scale=Non
 
 
 def mips_top1(queries, keys, offsets=None, *, window=None, segment_scale=None, near: int = 8,
-              precision: str = "ieee", splits: int | None = None) -> Top1:
+              precision: str = "ieee", splits: int | None = None, kernel: str | None = None) -> Top1:
     """Screened top-1 per (query, key segment) on tensor cores, with the keys near it.
 
     ``queries`` [nq, d] and ``keys`` [nk, d] share a dtype: bf16 or fp16 (tensor-core
@@ -475,10 +636,16 @@ def mips_top1(queries, keys, offsets=None, *, window=None, segment_scale=None, n
     key of the segment other than ``index`` and ``near_index`` has a screened score below
     ``score - w`` (up to one fp32 rounding of that difference) or at most ``lost``. Callers
     turn that into a certified bound (``amips.labels``).
+
+    ``kernel`` (``"tiled"``: a loop over key tiles with the d chunks inside; ``"flat"``: one
+    loop over (key tile, d chunk) pairs) overrides the launch rule's choice, for tests and
+    benchmarks; both compute the same result.
     """
     _check_top1_inputs(queries, keys, offsets, window, segment_scale, near)
     if precision not in ("ieee", "tf32"):
         raise ValueError(f"precision: expected 'ieee' or 'tf32' (16-bit inputs set their own), got {precision!r}")
+    if kernel not in (None, *KERNELS):
+        raise ValueError(f"kernel: expected one of {KERNELS} or None, got {kernel!r}")
     if not use_triton(queries, keys):
         return mips_top1_ref(queries, keys, offsets, window=window, segment_scale=segment_scale,
                              near=near, splits=splits or 1)
@@ -492,9 +659,11 @@ def mips_top1(queries, keys, offsets=None, *, window=None, segment_scale=None, n
         from ._audit import device_spec
 
         cfg = mips_top1_launch_config(nq, nk, d, n_segments=None if offsets is None else offsets.numel() - 1,
-                                      operand=operand, near=near, device=device_spec(dev))
+                                      operand=operand, near=near, device=device_spec(dev),
+                                      kernel=kernel or "tiled")
     else:
-        cfg = dict(_INTERPRETER_CONFIG, ONE_CHUNK=d <= 16, NEAR=near, EMIT=2, splits=1)
+        cfg = dict(_INTERPRETER_CONFIG, ONE_CHUNK=d <= 16, NEAR=near, EMIT=2, splits=1,
+                   KERNEL=kernel or "tiled")
     if offsets is None:
         n_split = splits or cfg["splits"]
         offsets = torch.linspace(0, nk, n_split + 1, dtype=torch.float64).round().to(torch.int64)
@@ -518,13 +687,23 @@ def mips_top1(queries, keys, offsets=None, *, window=None, segment_scale=None, n
 
     def launch():
         grid = (triton.cdiv(nq, cfg["BLOCK_M"]), n_seg)
-        _mips_top1_kernel[grid](
-            queries, keys, offsets, win, scale, score, index, near_s, near_i, lost,
-            nq, d, n_seg, queries.stride(0), keys.stride(0),
-            NEAR=near, EMIT=cfg["EMIT"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-            ONE_CHUNK=cfg["ONE_CHUNK"], EVEN_D=d % cfg["BLOCK_D"] == 0, ALIGNED=aligned, PRECISION="tf32" if operand != "ieee" else "ieee",
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
+        if cfg["KERNEL"] == "flat":
+            _mips_top1_flat_kernel[grid](
+                queries, keys, offsets, win, scale, score, index, near_s, near_i, lost,
+                nq, d, n_seg, queries.stride(0), keys.stride(0),
+                NEAR=near, EMIT=cfg["EMIT"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                BLOCK_D=cfg["BLOCK_D"], EVEN_D=d % cfg["BLOCK_D"] == 0, ALIGNED=aligned,
+                PRECISION="tf32" if operand != "ieee" else "ieee", STAGES=cfg["num_stages"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )
+        else:
+            _mips_top1_kernel[grid](
+                queries, keys, offsets, win, scale, score, index, near_s, near_i, lost,
+                nq, d, n_seg, queries.stride(0), keys.stride(0),
+                NEAR=near, EMIT=cfg["EMIT"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+                ONE_CHUNK=cfg["ONE_CHUNK"], EVEN_D=d % cfg["BLOCK_D"] == 0, ALIGNED=aligned, PRECISION="tf32" if operand != "ieee" else "ieee",
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )
         near_index = torch.where(torch.isneginf(near_s), torch.full_like(near_i, -1), near_i).long()
         return Top1(score, index.long(), near_s, near_index, lost, offsets)
 
@@ -608,9 +787,11 @@ def audit_cases(device) -> list:
             continue  # labels never screen in fp16; same code path as bf16
         for d in _AUDIT_D:
             for nq in _AUDIT_NQ:
-                for n_seg, near in ((None, 8), (_AUDIT_PARTITIONS, 4)):
+                for (n_seg, near), kernel_kind in itertools.product(((None, 8), (_AUDIT_PARTITIONS, 4)), KERNELS):
                     cfg = mips_top1_launch_config(nq, _AUDIT_NK, d, n_segments=n_seg, operand=operand,
-                                                  near=near, device=device)
+                                                  near=near, device=device, kernel=kernel_kind)
+                    if cfg["KERNEL"] != kernel_kind:
+                        continue  # one chunk: the flat choice is the tile loop itself
                     ty = _TRITON_TYPE[operand]
                     sig = {
                         "q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "offsets_ptr": "*i64", "window_ptr": "*fp32",
@@ -625,11 +806,17 @@ def audit_cases(device) -> list:
                              "BLOCK_D": cfg["BLOCK_D"], "ONE_CHUNK": cfg["ONE_CHUNK"],
                              "EVEN_D": d % cfg["BLOCK_D"] == 0, "ALIGNED": d % 16 == 0,
                              "PRECISION": "ieee" if operand == "ieee" else "tf32"}
-                    name = (f"{operand}_m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}d{cfg['BLOCK_D']}"
+                    kernel = _mips_top1_kernel
+                    if cfg["KERNEL"] == "flat":
+                        kernel = _mips_top1_flat_kernel
+                        del sig["ONE_CHUNK"], const["ONE_CHUNK"]
+                        sig["STAGES"] = "constexpr"
+                        const["STAGES"] = cfg["num_stages"]
+                    name = (f"{'flat_' if kernel_kind == 'flat' else ''}{operand}_m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}d{cfg['BLOCK_D']}"
                             f"{'' if d % cfg['BLOCK_D'] == 0 else '_oddd'}{'_once' if cfg['ONE_CHUNK'] else ''}_near{near}_w{cfg['num_warps']}"
                             f"s{cfg['num_stages']}")
                     shapes = f"d={d} nq={nq} " + ("partitions=1000" if n_seg else f"splits={cfg['splits']}")
-                    cases.append(AuditCase(_mips_top1_kernel, sig, const, cfg["num_warps"], cfg["num_stages"],
+                    cases.append(AuditCase(kernel, sig, const, cfg["num_warps"], cfg["num_stages"],
                                            name, matrix=True, exact_fp32=operand == "ieee", shapes=shapes))
     return dedupe(cases)
 
@@ -644,6 +831,8 @@ __all__ = [
     "top1_merged",
     "audit_cases",
     "screening_error_bound",
+    "accumulation_error_bound",
+    "TENSOR_CORE_PRECISIONS",
     "mips_topk",
     "mips_topk_ref",
     "backend_name",

@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 
 from ._audit import AuditCase, DeviceSpec, dedupe
-from ._backend import launch_or_fallback, triton_available, use_triton
+from ._backend import KernelFailure, launch_or_fallback, triton_available, use_triton
 
 if triton_available():
     import triton
@@ -86,10 +86,14 @@ if triton is not None:
         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         # One program: one tile of items x one query. (A loop over several queries per
-        # program, reusing the item tile, spills at every production shape on sm_90; the
-        # tile is re-read from L2 instead, by the programs of the other queries.)
-        pid_n = tl.program_id(0)
-        q64 = tl.program_id(1).to(tl.int64)
+        # program, reusing the item tile, spills at every production shape on sm_90.)
+        # Programs are numbered query-fastest: consecutive programs, which run at the same
+        # time, share one item tile, so each tile comes from HBM once per launch and from L2
+        # for the other queries; the launcher sizes the query chunk of a launch so that its
+        # query-side data (block-diagonal matrices, gates) stays in L2 across the tiles.
+        pid = tl.program_id(0)
+        q64 = (pid % nq).to(tl.int64)
+        pid_n = pid // nq
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         rl = tl.arange(0, BLOCK_L)
@@ -165,7 +169,14 @@ def mol_launch_config(nq: int, n_items: int, k_dim: int, n_pairs: int, hidden: i
     block_k = _next_pow2(k_dim)
     # The item tile stays in registers across the query loop: keep it <= 32 KiB.
     block_n = 64
+    # Queries per launch: their block-diagonal matrices and gates ([K, L] + [L] each) take
+    # at most a quarter of a 40 MB (A100) / 50 MB (H100, H200) L2, so they stay resident
+    # while the launch walks the item tiles.
+    elem = 4 if dtype == torch.float32 else 2
+    per_query = k_dim * n_pairs * elem + n_pairs * 4
+    query_chunk = max(1, min(max(1, nq), (10 << 20) // per_query))
     return {
+        "QUERY_CHUNK": query_chunk,
         "BLOCK_N": block_n,
         "BLOCK_K": block_k,
         "BLOCK_L": _next_pow2(n_pairs),
@@ -247,9 +258,10 @@ def mol_tile_max(query_components, query_gate, items, item_gate, w1, b1, w2, b2,
         w2t = w2.T.to(torch.float16).contiguous()
         out = torch.empty(nq, n_tiles, dtype=torch.float32, device=dev)
         b1f, b2f = b1.float().contiguous(), b2.float().contiguous()
-        for a in range(0, nq, 65535):  # grid dimension 1 holds at most 65535 queries
-            m = min(nq, a + 65535) - a
-            _mol_tile_max_kernel[(n_tiles, m)](
+        chunk = max(1, min(cfg["QUERY_CHUNK"], (2**31 - 1) // n_tiles))  # 1-D grid < 2^31
+        for a in range(0, nq, chunk):
+            m = min(nq, a + chunk) - a
+            _mol_tile_max_kernel[(m * n_tiles,)](
                 qbd[a:], qg[a:], x, ig, w1t, b1f, w2t, b2f, out[a:],
                 m, n, n_tiles, 1.0 / tau,
                 qbd.stride(0), qbd.stride(1), qbd.stride(2),
@@ -259,7 +271,7 @@ def mol_tile_max(query_components, query_gate, items, item_gate, w1, b1, w2, b2,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
         if bool(torch.isnan(out).any()):  # a miscompiled screen must not drop tiles silently
-            raise RuntimeError("_mol_tile_max_kernel produced NaN tile maxima")
+            raise KernelFailure("_mol_tile_max_kernel produced NaN tile maxima")
         return out
 
     return launch_or_fallback("_mol_tile_max_kernel", launch, lambda: reference(bn)), bn

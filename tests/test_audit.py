@@ -241,9 +241,13 @@ def test_pq_scan_launch_config_at_audit_shapes(device):
 # a kernel that fails on a device falls back to torch, with one warning, counted
 # --------------------------------------------------------------------------------------
 class _Broken:
+    """A kernel whose launch fails inside Triton (out of shared memory, simulated)."""
+
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            raise RuntimeError("PassManager::run failed (simulated)")
+            from triton.runtime.errors import OutOfResources
+
+            raise OutOfResources(300000, 232448, "shared memory (simulated)")
         return launch
 
 
@@ -266,7 +270,7 @@ def test_icnn_fallback_warns_names_the_kernel_and_is_counted(monkeypatch):
     w, a, b = torch.randn(8, 24, generator=g), torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
     want = icnn.icnn_layer_ref(z.double(), q.double(), w.double(), a.double(), b.double())
     _as_device(monkeypatch, icnn, "_icnn_fwd_kernel")
-    with pytest.warns(RuntimeWarning, match="_icnn_fwd_kernel.*PassManager"):
+    with pytest.warns(RuntimeWarning, match="_icnn_fwd_kernel.*OutOfResources"):
         pre, out = icnn.icnn_layer_forward(z, q, w, a, b, "softleaky", 0.1, 1.0)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
     events = _backend.fallback_events()
@@ -289,3 +293,50 @@ def test_pq_scan_fallback_warns_and_matches_reference(monkeypatch):
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
     assert [e["kernel"] for e in _backend.fallback_events()] == ["_pq_scan_kernel"]
     _backend.clear_fallback_events()
+
+
+def test_only_triton_failures_fall_back_and_strict_mode_names_the_kernel(monkeypatch):
+    """An error of the torch code around a launch (here: a bug in the result's post-processing)
+    propagates; a Triton launch failure falls back, or in strict mode raises naming the kernel."""
+    from amips.kernels import _backend
+
+    monkeypatch.setattr(_backend, "interpreter_on", lambda: False)
+    monkeypatch.delenv("AMIPS_BACKEND", raising=False)
+    monkeypatch.delenv("AMIPS_STRICT_KERNELS", raising=False)
+    _backend.clear_fallback_events()
+
+    def torch_side_bug():
+        return torch.zeros(3).view(2, 2)  # a shape error in amips code, not in Triton
+
+    with pytest.raises(RuntimeError, match="shape"):
+        _backend.launch_or_fallback("_k", torch_side_bug, lambda: "fallback")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        def oom():
+            raise torch.cuda.OutOfMemoryError("simulated")
+        _backend.launch_or_fallback("_k", oom, lambda: "fallback")
+    assert _backend.fallback_events() == []
+
+    broken = _Broken()[None]
+    with pytest.warns(RuntimeWarning, match="_k"):
+        assert _backend.launch_or_fallback("_k", broken, lambda: "fallback") == "fallback"
+    assert [e["kernel"] for e in _backend.fallback_events()] == ["_k"]
+    _backend.clear_fallback_events()
+
+    def nan_result():
+        raise _backend.KernelFailure("NaN tile maxima")
+
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        assert _backend.launch_or_fallback("_k", nan_result, lambda: "fallback") == "fallback"
+    _backend.clear_fallback_events()
+
+    monkeypatch.setenv("AMIPS_STRICT_KERNELS", "1")
+    with pytest.raises(_backend.KernelFallbackError, match="Triton kernel _k failed.*strict"):
+        _backend.launch_or_fallback("_k", broken, lambda: "fallback")
+    monkeypatch.delenv("AMIPS_STRICT_KERNELS")
+    _backend.set_strict(True)
+    try:
+        with pytest.raises(_backend.KernelFallbackError):
+            _backend.launch_or_fallback("_k", broken, lambda: "fallback")
+    finally:
+        _backend.set_strict(False)
+    assert _backend.fallback_events() == []

@@ -59,6 +59,27 @@ def test_top1_matches_fp64_oracle_and_keeps_its_window(nq, nk, d, splits):
     assert torch.equal(ref.index, res.index)
 
 
+@pytest.mark.parametrize("nq,nk,d", [(19, 70, 33), (3, 100, 48), (17, 40, 16)])
+def test_flat_and_tiled_kernels_agree_with_windows_ties_and_partitions(nq, nk, d):
+    """The flattened (key tile x d chunk) loop and the tile loop with chunks inside give the
+    same best, window buffer and lost bound (d of 1, 2 and 3 chunks; a tied key copy)."""
+    g = torch.Generator().manual_seed(d)
+    q = torch.randn(nq, d, generator=g)
+    k = torch.randn(nk, d, generator=g)
+    k[nk // 2] = k[3]  # an exact tie across tiles: the lower index must win
+    window = torch.full((nq,), 1.0)
+    offsets = torch.tensor([0, 5, 5, nk // 2 + 1, nk])  # an empty and a 1-tile segment
+    for off in (None, offsets):
+        kw = dict(window=window, segment_scale=torch.ones(1 if off is None else 4), splits=None if off is not None else 2)
+        flat = mips_top1(q, k, off, kernel="flat", **kw)
+        tiled = mips_top1(q, k, off, kernel="tiled", **kw)
+        for a, b in zip(flat, tiled):
+            assert torch.equal(a, b)
+        _check_guarantee(flat, q, k, window, torch.ones(flat.score.shape[1]))
+    with pytest.raises(ValueError, match="kernel"):
+        mips_top1(q, k, kernel="persistent")
+
+
 def test_ties_resolve_to_the_lowest_index_inside_and_across_tiles():
     g = torch.Generator().manual_seed(3)
     k = torch.randn(70, 12, generator=g)
@@ -150,8 +171,12 @@ def test_audit_cases_walk_the_launcher_rule():
         assert len(names) == len(set(names)) and len(cases) >= 12
         assert all(c.matrix for c in cases)
         assert {c.exact_fp32 for c in cases} == {True, False}
+        # both loops are audited (the flat one only where d takes several chunks)
+        assert {c.kernel_name for c in cases} == {"_mips_top1_kernel", "_mips_top1_flat_kernel"}
         for c in cases:
-            assert list(c.signature)[-1] == "PRECISION" and c.signature["NEAR"] == "constexpr"
+            assert list(c.signature) == list(c.kernel.arg_names) and c.signature["NEAR"] == "constexpr"
+            assert (c.kernel_name == "_mips_top1_flat_kernel") == c.config.startswith("flat_")
+            assert not (c.config.startswith("flat_") and "_once" in c.config)
             assert set(k for k, v in c.signature.items() if v == "constexpr") == set(c.constexprs)
             assert c.shapes
 

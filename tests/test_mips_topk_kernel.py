@@ -1,5 +1,7 @@
 """The fused screening kernel (Triton under the interpreter on CPU) against an fp64 oracle."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -87,6 +89,9 @@ def test_reference_and_kernel_agree_with_many_key_blocks():
 def test_error_bound_constants():
     assert screening_error_bound(384, "ieee") == pytest.approx(384 * 2**-24, rel=2e-3)
     assert 2 * 2**-8 < screening_error_bound(384, "bf16") < 2.2 * 2**-8
+    # tensor cores: truncating accumulation, 2d units of 2^-23 (4x the round-to-nearest term)
+    for p in ("tf32", "bf16"):
+        assert screening_error_bound(384, p, operands_exact=True) == pytest.approx(768 * 2**-23, rel=2e-3)
     assert screening_error_bound(384, "bf16", bf16_output=True) > screening_error_bound(384, "bf16")
     with pytest.raises(ValueError, match="precision"):
         screening_error_bound(10, "fp8")
@@ -104,3 +109,89 @@ def test_kernel_bad_inputs():
         mips_topk(q, torch.randn(5, 8), 1, precision="fp8")
     with pytest.raises(ValueError, match="queries"):
         mips_topk(q[0], torch.randn(5, 8), 1)
+
+
+# --------------------------------------------------------------------------------------
+# The bound under truncated (tensor-core) accumulation
+# --------------------------------------------------------------------------------------
+def _round_toward_zero_fp32(x: float) -> float:
+    f = float(np.float32(x))
+    if abs(f) > abs(x):
+        f = float(np.nextafter(np.float32(f), np.float32(0.0)))
+    return f
+
+
+def tensor_core_dot(q: np.ndarray, k: np.ndarray, block: int = 16) -> float:
+    """A tensor core's fp32-accumulated dot product of 16-bit operands (the model of Fasi,
+    Higham, Mikaitis and Pranesh, 2021): products exact; each MMA adds a k-block of products
+    to the accumulator by aligning every addend to the largest exponent and truncating it
+    (toward zero) to 24 significant bits of that exponent; the exact sum of the aligned
+    addends is normalised with round-toward-zero."""
+    prods = q.astype(np.float64) * k.astype(np.float64)  # exact: 8-bit x 8-bit significands
+    acc = 0.0
+    for a in range(0, prods.size, block):
+        terms = [acc, *prods[a:a + block].tolist()]
+        largest = max(abs(t) for t in terms)
+        if largest == 0.0:
+            continue
+        grid = 2.0 ** (math.frexp(largest)[1] - 24)  # one ulp of the largest, in fp32
+        aligned = sum(math.trunc(t / grid) * grid for t in terms)  # exact in fp64
+        acc = _round_toward_zero_fp32(aligned)
+    return acc
+
+
+def _bf16_exact(x: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(x).to(torch.bfloat16).double().numpy()
+
+
+def test_tensor_core_model_stays_inside_the_bound_on_random_data():
+    rng = np.random.default_rng(0)
+    d = 384
+    c = screening_error_bound(d, "bf16", operands_exact=True)
+    for _ in range(20):
+        q, k = _bf16_exact(rng.standard_normal(d)), _bf16_exact(rng.standard_normal(d))
+        err = abs(tensor_core_dot(q, k) - float(q @ k))
+        assert err <= c * np.linalg.norm(q) * np.linalg.norm(k)
+
+
+def test_round_to_nearest_bound_certifies_a_wrong_top1_under_truncation_and_2_to_the_23_does_not():
+    """Two keys, bf16-exact data (no input rounding), screened with truncating accumulation.
+    Key A's small positive products are all truncated away (its screened score falls by
+    383 units of 2^-23); key B's small negative ones too (its screened score rises by 382
+    units). A is the true top-1 by ~2e-5, yet with the round-to-nearest unit 2^-24 the
+    certificate "B's lower bound is above A's upper bound" holds and A is never re-scored;
+    with the tensor-core bound A stays a candidate and the fp64 refinement returns it."""
+    from amips.labels.certify import Candidates, KeySource, _certify_and_refine
+
+    d = 384
+    small, eps = 2.0**-12, 2.0**-11 * 127 / 128  # products +-2^-23 * 127/128: below one ulp of 1
+    q = np.full(d, small)
+    q[0] = 1.0
+    key_a = np.full(d, eps)
+    key_a[0] = 1.0
+    key_b = np.full(d, -eps)
+    key_b[0], key_b[1] = 1.0, 0.28125  # q[1] * key_b[1] = 576 * 2^-23, on the fp32 grid of 1
+    keys = np.stack([key_b, key_a])  # B first: the lower index would win a tie
+    assert np.array_equal(_bf16_exact(q), q) and np.array_equal(_bf16_exact(keys), keys)
+    exact = keys @ q
+    assert exact[1] > exact[0]  # A (index 1) is the true top-1
+    screened = np.array([tensor_core_dot(q, key) for key in keys])
+    assert screened[0] > screened[1]  # the screen ranks B first
+    qn, kn = np.linalg.norm(q), np.linalg.norm(keys, axis=1).max()
+    # the round-to-nearest bound is violated by A's score alone; the tensor-core one holds
+    c_nearest = screening_error_bound(d, "ieee")  # gamma_d(2^-24), no input term
+    c_tensor = screening_error_bound(d, "bf16", operands_exact=True)
+    assert abs(screened[1] - exact[1]) > c_nearest * qn * np.linalg.norm(keys[1])
+    assert np.all(np.abs(screened - exact) <= c_tensor * qn * np.linalg.norm(keys, axis=1))
+
+    source = KeySource(torch.from_numpy(keys))
+    q64 = torch.from_numpy(q)[None]
+    found = {}
+    for name, c in (("nearest", c_nearest), ("tensor", c_tensor)):
+        err = torch.full((1, 2), c * qn * kn, dtype=torch.float64)
+        cand = Candidates(torch.from_numpy(screened).float()[None], torch.tensor([[0, 1]]), err,
+                          torch.tensor([-math.inf], dtype=torch.float64))
+        s, i, certified = _certify_and_refine(cand, 1, q64, source)
+        found[name] = (int(i[0, 0]), bool(certified[0]))
+    assert found["nearest"] == (0, True)  # certified, and wrong
+    assert found["tensor"] == (1, True)  # certified, and right

@@ -37,6 +37,25 @@ def test_tile_max_matches_reference(dtype, n):
     assert (got - pad.view(3, -1, 16).amax(-1)).abs().max().item() < mk.screen_margin(dtype) / h.tau / 10
 
 
+def test_query_chunks_and_tile_major_order_cover_every_query_and_tile(monkeypatch):
+    """Launches of 2 queries each (the L2-sized query chunk, shrunk), programs numbered
+    query-fastest: every (query, tile) maximum still lands in its own place."""
+    h, cache, qp, args = _setup(seed=2, n=70)
+    qc = torch.cat([args[0]] * 2)[:5]  # 5 queries: chunks of 2, 2, 1
+    qg = torch.cat([args[1]] * 2)[:5]
+    qc[3:] = qc[3:].flip(0)  # distinct rows per chunk
+    args = (qc, qg, *args[2:])
+    real = mk.mol_launch_config
+    monkeypatch.setattr(mk, "mol_launch_config", lambda *a: {**real(*a), "QUERY_CHUNK": 2})
+    got, _ = mk.mol_tile_max(*args, block_n=16)
+    ref = mk.mol_tile_max_ref(*args, 16)
+    assert got.shape == ref.shape == (5, 5)
+    assert (got - ref).abs().max().item() < mk.screen_margin(torch.float16) / h.tau / 10
+    cfg = real(65536, 1 << 20, 256, 16, 128, torch.bfloat16, _audit.H100)
+    per_query = 256 * 16 * 2 + 16 * 4  # a bf16 [K, L] block-diagonal matrix and an fp32 gate
+    assert cfg["QUERY_CHUNK"] * per_query <= 10 << 20 < (cfg["QUERY_CHUNK"] + 1) * per_query
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_exact_through_kernel_equals_torch_path(dtype):
     h, cache, qp, _ = _setup(seed=1, n=130, dtype=dtype)

@@ -276,6 +276,9 @@ class Labeler:
                            else _default_batch_size(self.device, self.spec.n_partitions))
         self.keys.fit_range()  # NaN/inf check and the power-of-two scale of the keys
         self._batch = BatchLabeler(self.keys, self.spec, self.device)
+        # the certification cascade of the last call: how many queries needed the fp32
+        # re-screen, and how many the full fp64 scan
+        self.last_stats: dict[str, int] = {}
 
     def __call__(self, queries) -> dict[str, torch.Tensor]:
         q = check_matrix(to_tensor(queries, "queries"), "queries")
@@ -288,15 +291,19 @@ class Labeler:
                 f"keys: on {self._keys_device} but queries on {q.device}; move them to one device"
             )
         parts: dict[str, list[np.ndarray]] = {}
+        totals: dict[str, int] = {}
         for a in range(0, q.shape[0], self.batch_size):
             qb, qb64, e = scale_queries(q[a : a + self.batch_size], self.device)
             state = None
             for j in range(self._batch.n_shards):
                 state = self._batch.screen(qb, j, state, q64=qb64)
-            out, _ = self._batch.finish(qb, state, q64=qb64, score_log2=e + self.keys.scale_log2,
-                                        score_dtype=self.score_dtype)
+            out, stats = self._batch.finish(qb, state, q64=qb64, score_log2=e + self.keys.scale_log2,
+                                            score_dtype=self.score_dtype)
+            for name, value in stats.items():
+                totals[name] = totals.get(name, 0) + int(value)
             for name, arr in out.items():
                 parts.setdefault(name, []).append(arr)
+        self.last_stats = totals  # queries, rescreened_queries, fallback_queries (, fallback_pairs)
         return {name: _as_output(np.concatenate(arrs), q.device) for name, arrs in parts.items()}
 
 
