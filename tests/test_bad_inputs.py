@@ -344,6 +344,11 @@ def test_unfinished_run_loads_only_when_asked(ws):
 
 def test_eval_allow_unfinished_and_json_into_new_folder(ws, tmp_path, capsys):
     js = tmp_path / "new" / "deeper" / "r.json"
+    # a --json into a folder that does not exist is refused before any work ...
+    assert main(["eval", "--index", str(ws["root"] / "index"), "--queries", ws["queries"],
+                 "--nprobe", "1", "--json", str(js)]) == 2
+    assert "does not exist" in capsys.readouterr().err and not js.parent.exists()
+    js.parent.mkdir(parents=True)  # ... and written once the folder is there
     with pytest.warns(UserWarning, match="unfinished"):
         rc = main(["eval", "--index", str(ws["root"] / "index"), "--queries", ws["queries"],
                    "--router", f"keynet:{ws['root']}/run_unfinished", "--allow-unfinished",
@@ -351,6 +356,7 @@ def test_eval_allow_unfinished_and_json_into_new_folder(ws, tmp_path, capsys):
                    "--json", str(js)])
     assert rc == 0 and json.loads(js.read_text())["results"]
     out = tmp_path / "sub" / "ix.faiss"
+    out.parent.mkdir()
     assert main(["index", "export-faiss", str(ws["root"] / "index"), "--out", str(out)]) == 0
     assert out.stat().st_size > 0
     assert main(["index", "export-faiss", str(ws["root"] / "index"), "--out", str(out), "--overwrite"]) == 0
