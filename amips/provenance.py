@@ -242,15 +242,26 @@ def run_status(root: Path) -> tuple[bool, int | None, int | None]:
         return False, step, total
     try:
         state = json.loads(state_path.read_text())
-    except (OSError, json.JSONDecodeError):
+        same_step = step is not None and int(state.get("step", -2)) == step
+    except (OSError, ValueError, TypeError, AttributeError):
         return False, step, total
-    return (step is not None and int(state.get("step", -2)) == step), step, total
+    # a run stopped early (--max-minutes, or by any other cause) is not finished, whatever
+    # its last checkpoint says; runs from before "finished" was recorded count by their step
+    finished = state.get("finished", True) is True and not state.get("stopped_early", False)
+    return (same_step and finished), step, total
 
 
-def check_run_finished(root, *, allow_unfinished: bool = False) -> None:
+def check_run_finished(root, *, allow_unfinished: bool = False, content: bool = True) -> None:
+    """A finished run whose files are as recorded; an unfinished one refused (or, with
+    ``allow_unfinished``, warned about)."""
+    from ._io import check_files
+
     root = Path(root)
     complete, step, total = run_status(root)
     if complete:
+        state = _read_json(root / "state.json", "rundir")
+        if state.get("files") is not None:
+            check_files(root, state["files"], "rundir", content=content)
         return
     where = f"step {step if step is not None else '?'} of {total if total is not None else '?'}"
     if allow_unfinished:
@@ -289,3 +300,41 @@ def check_resume(recorded: dict | None, given: dict, root) -> None:
         check_same(name, f"the run in {root} was started on other {name}", recorded.get(name),
                    f"the given {name}", given.get(name),
                    "resume with the inputs the run started with, or start a new run (--overwrite)")
+
+
+# --------------------------------------------------------------------------------------
+# recommender runs (amips mol train)
+# --------------------------------------------------------------------------------------
+def check_mol_run(model_dir, ratings=None, *, content: bool = True) -> dict:
+    """A finished ``amips mol train`` folder whose files are as recorded and, given
+    ``ratings``, trained on that very file (by content). Returns its metrics.json."""
+    from ._io import check_files, content_fingerprint, file_fingerprint, read_json
+
+    root = Path(model_dir)
+    if not root.exists():
+        raise InputError(f"model: no such folder: {root}")
+    if not root.is_dir():
+        raise InputError(f"model: {root} is not a folder (expected the --out folder of `amips mol train`)")
+    cfg = read_json(root / "config.json", "model", fields={"similarity": str, "model": dict, "n_items": int})
+    if not (root / "metrics.json").exists():
+        raise InputError(f"model: {root} is an unfinished training run (no metrics.json: stopped by "
+                         "--max-minutes, interrupted or still running); rerun `amips mol train ... --resume`")
+    metrics = read_json(root / "metrics.json", "model")
+    if metrics.get("files") is not None:
+        check_files(root, metrics["files"], "model", content=content)
+    if ratings is not None:
+        p = Path(ratings)
+        if not p.is_file():
+            raise InputError(f"ratings: no such file: {p}")
+        recorded = cfg.get("ratings_content")
+        if isinstance(recorded, dict):
+            given = content_fingerprint(p)
+            same_file = given["size"] == recorded.get("size") and given["blake2b"] == recorded.get("blake2b")
+        else:  # runs from before the whole-content fingerprint
+            given = file_fingerprint(p)
+            old = cfg.get("ratings") or {}
+            same_file = given["size"] == old.get("size") and given["sha256_head_tail"] == old.get("sha256_head_tail")
+        if not same_file:
+            raise InputError(f"ratings: {p} is not the file the model in {root} was trained on (content "
+                             "differs); evaluate on the training ratings file, or train on this one")
+    return metrics

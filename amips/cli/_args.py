@@ -118,7 +118,15 @@ def artifact_output(path: str, name: str, *, kind: str, overwrite: bool, command
     A replacement killed mid-way leaves the old artifact in place (or, killed between the
     two renames of the swap, aside under ``.NAME.amips-old-PID``, restored here on the next
     run); its unfinished sibling is removed on the next run."""
-    from .._io import NEW_TAG, OLD_TAG, ArtifactLock, artifact_kind, check_output_folder, staging_folder, swap_in
+    from .._io import (
+        NEW_TAG,
+        OLD_TAG,
+        ArtifactLock,
+        artifact_kind,
+        check_output_folder,
+        staging_folder,
+        swap_in,
+    )
 
     final = check_output_folder(path, name, kind=kind, overwrite=overwrite)
     with ArtifactLock(final, command):
