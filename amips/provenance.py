@@ -139,6 +139,10 @@ def check_labels_dir(labels_dir, *, keys, queries, partitions=None) -> dict:
             f"labels: {manifest_path} records no complete job with input fingerprints (made by an "
             f"older amips or interrupted); {fix}"
         )
+    if manifest.get("files") is not None:
+        from ._io import check_files
+
+        check_files(root, manifest["files"], "labels")  # the outputs as they were written
     inputs = manifest["inputs"]
     for name, given in (("keys", keys), ("queries", queries)):
         check_same(name, f"the labels in {root} were computed for other {name}", inputs.get(name),
