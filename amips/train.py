@@ -818,11 +818,12 @@ def train(
     cfg.validate()
     inp = _load_inputs(keys, queries, partitions, cfg, device, labels_dir=labels_dir)
     root = Path(out)
+    # a torn checkpoint is refused before the run folder is touched
+    ckpt = _read_checkpoint(root) if resume else None
     cfg, model_cfg, run_cfg = _prepare_run_folder(root, cfg, inp, resume)
     lab, train_idx, val_idx = _run_labels(root, cfg, inp, labels_dir, progress)
     m = _setup_model(cfg, model_cfg, inp, lab, train_idx)
     start = 0
-    ckpt = _read_checkpoint(root) if resume else None
     if ckpt is not None:
         _restore(ckpt[0], m.model, m.ema, m.optimizer, m.gen_cpu, m.gen_dev, inp.dev)
         start = ckpt[1]
