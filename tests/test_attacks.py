@@ -505,3 +505,59 @@ def test_exit_code_and_provenance_of_a_successful_overwrite(w, capsys):
     assert not (w / "ix" / "pq.safetensors").exists()
     assert main(["verify", str(w / "ix")]) == 0
     assert not list(w.glob(".ix.amips-*"))
+
+
+# --------------------------------------------------------------------------------------
+# the machine says no: a full disk or a read-only location while the new artifact is written
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("errno_name", ["ENOSPC", "EROFS"])
+@pytest.mark.parametrize("cmd", ["labels", "train", "index build", "mol train"])
+def test_full_or_read_only_disk_mid_write_keeps_the_old_artifact(cmd, errno_name, w, capsys, monkeypatch):
+    import errno
+
+    import amips._io
+
+    def refuse(self, data):
+        raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)))
+
+    monkeypatch.setattr(amips._io._HashingWriter, "write", refuse)
+    build, artifact, _ = WRITERS[cmd]
+    line = attack(capsys, [*build(w, w / artifact), "--overwrite"], [w / artifact])
+    assert os.strerror(getattr(errno, errno_name)) in line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder_is_refused_before_the_work(w, capsys):
+    (w / "ro").mkdir()
+    (w / "ro").chmod(0o500)
+    try:
+        attack(capsys, _index(w, w / "ro" / "ix"), [w / "ro"], expect="not writable")
+        attack(capsys, [*_eval(w), "--json", w / "ro" / "r.json"], [w / "ro"], expect="not writable")
+    finally:
+        (w / "ro").chmod(0o700)
+
+
+def test_hdf5_dataset_inputs_to_labels(w, capsys):
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(w / "data.hdf5", "w") as f:
+        f["train"] = np.load(w / "keys.npy")
+        f["test"] = np.load(w / "queries.npy")
+    assert main(["labels", "--keys", f"{w / 'data.hdf5'}:train", "--queries", f"{w / 'data.hdf5'}:test",
+                 "--out", w / "lab_h5", "--quiet"]) == 0
+    assert np.array_equal(np.load(w / "lab_h5/top1_index.npy"), np.load(w / "lab/top1_index.npy"))
+    attack(capsys, ["labels", "--keys", f"{w / 'data.hdf5'}:nosuch", "--queries", f"{w / 'data.hdf5'}:test",
+                    "--out", w / "lab_h5_2", "--quiet"], [w / "lab_h5"], expect="nosuch")
+
+
+def test_exact_top1_on_tensors_that_require_grad():
+    import torch
+
+    from amips.labels import exact_top1
+
+    rng = np.random.default_rng(5)
+    q = torch.tensor(rng.standard_normal((7, 6)), dtype=torch.float32, requires_grad=True)
+    k = torch.tensor(rng.standard_normal((40, 6)), dtype=torch.float32, requires_grad=True)
+    scores, index = exact_top1(q, k)
+    truth = (q.detach().double() @ k.detach().double().T).numpy()
+    assert np.array_equal(index.numpy(), truth.argmax(1))
+    assert np.allclose(scores.numpy(), truth.max(1), rtol=1e-6)
