@@ -275,15 +275,30 @@ LOCK_SUFFIX = ".amips-lock"
 NEW_TAG = ".amips-new-"
 OLD_TAG = ".amips-old-"
 
-# files that mark a folder as an amips artifact of a kind (names specific enough that a
-# foreign folder does not carry them by chance; index.json/config.json alone do not count)
+# how a folder is recognised as an amips artifact: every name of one of the groups exists
+# (names specific enough that a foreign folder does not carry them by chance)
 _KIND_MARKERS = (
-    ("index", ("lists.safetensors", ".incomplete", ".kmeans-stage.json")),
-    ("labels", ("labels.json", ".amips_labels_partial")),
-    ("mol run", ("interactions.safetensors",)),
-    ("training run", ("checkpoint.safetensors", "model.safetensors", "state.json")),
-    ("demo run", ("results.json", "runs")),
+    ("index", (("lists.safetensors",), (".kmeans-stage.json",), (".incomplete", "centroids.npy"),
+               ("index.json", "partitions.npy"))),
+    ("labels", (("labels.json",), (".amips_labels_partial",))),
+    ("mol run", (("interactions.safetensors",),)),
+    ("training run", (("config.json", "model.safetensors"), ("config.json", "checkpoint.safetensors"),
+                      ("config.json", "split.json"))),
+    ("demo run", (("results.json", "index"), ("runs", "index"))),
 )
+
+# the names an artifact of each kind writes into its folder; on --overwrite anything else
+# in the old folder (a user's own file) is carried over into the new one
+OWN_NAMES = {
+    "index": {"index.json", ".incomplete", "centroids.npy", "partitions.npy", "lists.safetensors",
+              "pq.safetensors", ".kmeans-stage.json"},
+    "labels": {"labels.json", ".amips_labels_partial", "top1_index.npy", "top1_score.npy", "topk_index.npy",
+               "topk_score.npy", "partition_index.npy", "partition_score.npy"},
+    "training run": {"config.json", "checkpoint.safetensors", "model.safetensors", "metrics.jsonl",
+                     "state.json", "split.json", "labels", "noisy"},
+    "mol run": {"config.json", "model.safetensors", "interactions.safetensors", "checkpoint.safetensors",
+                "metrics.json"},
+}
 
 
 def artifact_kind(path: str | os.PathLike) -> str | None:
@@ -292,11 +307,9 @@ def artifact_kind(path: str | os.PathLike) -> str | None:
     p = Path(path)
     if not p.is_dir():
         return None
-    for kind, markers in _KIND_MARKERS:
-        if any((p / m).exists() for m in markers):
+    for kind, groups in _KIND_MARKERS:
+        if any(all((p / m).exists() for m in group) for group in groups):
             return kind
-    if (p / "index.json").is_file() and (p / "partitions.npy").is_file():
-        return "index"
     return None
 
 
@@ -501,10 +514,11 @@ def staging_folder(final: str | os.PathLike) -> Path:
     return build
 
 
-def swap_in(build: str | os.PathLike, final: str | os.PathLike) -> Path:
+def swap_in(build: str | os.PathLike, final: str | os.PathLike, own: set | None = None) -> Path:
     """Replace the folder ``final`` by the complete folder ``build``: rename the old one
-    aside, rename the new one in, then delete the old (a failure before the second rename
-    puts the old one back)."""
+    aside, rename the new one in (a failure there puts the old one back), carry over what of
+    the old folder is not the artifact's own (``own`` names; a user's notes, say), then
+    delete the old one."""
     import shutil
 
     build, final = Path(build), Path(final)
@@ -521,5 +535,9 @@ def swap_in(build: str | os.PathLike, final: str | os.PathLike) -> Path:
             os.rename(old, final)
         raise
     if old is not None:
+        if own is not None:
+            for entry in old.iterdir():
+                if entry.name not in own and not (final / entry.name).exists():
+                    os.rename(entry, final / entry.name)
         shutil.rmtree(old, ignore_errors=True)
     return final

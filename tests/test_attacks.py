@@ -72,6 +72,7 @@ def world(tmp_path_factory):
     assert main([*mol, "--out", str(root / "mol_stopped"), "--epochs", "3", "--max-minutes", "1e-9"]) == 0
     # an earlier demo run (its manifest and folders; the demo itself is not rerun here)
     (root / "demo" / "runs").mkdir(parents=True)
+    (root / "demo" / "index").mkdir()
     (root / "demo" / "results.json").write_text('{"rows": []}\n')
     (root / "demo" / "notes.txt").write_text("the user's own file\n")
     return root
@@ -561,3 +562,20 @@ def test_exact_top1_on_tensors_that_require_grad():
     truth = (q.detach().double() @ k.detach().double().T).numpy()
     assert np.array_equal(index.numpy(), truth.argmax(1))
     assert np.allclose(scores.numpy(), truth.max(1), rtol=1e-6)
+
+
+def test_overwrite_keeps_a_users_own_files_in_the_artifact_folder(w):
+    (w / "ix" / "NOTES.md").write_text("how I built this index\n")
+    assert main([*_index(w, w / "ix"), "--overwrite"]) == 0
+    assert (w / "ix" / "NOTES.md").read_text() == "how I built this index\n"
+    assert main(["verify", str(w / "ix")]) == 0
+
+
+def test_a_folder_with_generic_names_is_not_taken_for_an_artifact(w, capsys):
+    """A project folder with a state.json or config.json of its own is not a training run:
+    writing inside it is allowed, and --overwrite never replaces it."""
+    (w / "proj").mkdir()
+    (w / "proj" / "state.json").write_text("{}")
+    (w / "proj" / "config.json").write_text("{}")
+    assert main(_labels(w, w / "proj" / "lab")) == 0
+    attack(capsys, [*_train(w, w / "proj"), "--overwrite"], [w / "proj"], expect="not an amips training run")

@@ -128,11 +128,12 @@ def artifact_output(path: str, name: str, *, kind: str, overwrite: bool, command
         swap_in,
     )
 
-    final = check_output_folder(path, name, kind=kind, overwrite=overwrite)
+    given = check_output_folder(path, name, kind=kind, overwrite=overwrite)
+    final = given.resolve()  # the lock and the sibling sit beside the real folder ("." too)
     with ArtifactLock(final, command):
         _recover_siblings(final, NEW_TAG, OLD_TAG)
         replacing = overwrite and artifact_kind(final) is not None
-        target = staging_folder(final) if replacing else final
+        target = staging_folder(final) if replacing else given
         try:
             yield target
         except BaseException:
@@ -140,7 +141,9 @@ def artifact_output(path: str, name: str, *, kind: str, overwrite: bool, command
                 shutil.rmtree(target, ignore_errors=True)
             raise
         if replacing:
-            swap_in(target, final)
+            from .._io import OWN_NAMES
+
+            swap_in(target, final, OWN_NAMES.get(kind))
 
 
 def _recover_siblings(final: Path, new_tag: str, old_tag: str) -> None:
