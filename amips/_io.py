@@ -128,7 +128,10 @@ class _HashingWriter:
         self.size = 0
 
     def write(self, data) -> int:
-        view = memoryview(data).cast("B")
+        view = memoryview(data)
+        if not view.c_contiguous:
+            view = memoryview(view.tobytes())
+        view = view.cast("B")
         self.hash.update(view)
         self.size += view.nbytes
         return self._fh.write(view)
@@ -319,8 +322,10 @@ def _special(p: Path) -> str | None:
 
     try:
         mode = os.stat(p).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return "a dangling symlink" if os.path.islink(p) else None
+    except OSError as exc:
+        return f"not usable ({exc.strerror})"
     for test, name in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                        (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
         if test(mode):
@@ -349,8 +354,7 @@ def _inside_artifact(p: Path, kind: str | None, name: str) -> None:
             break
 
 
-def check_output_folder(path: str | os.PathLike, name: str, *, kind: str, overwrite: bool,
-                        resumable: bool = True) -> Path:
+def check_output_folder(path: str | os.PathLike, name: str, *, kind: str, overwrite: bool) -> Path:
     """An artifact folder a command will write, checked before any work: not a file, special
     file or symlink to one; parent exists and is writable; not inside another artifact; with
     ``overwrite``, a folder that holds another kind of artifact is refused (never replaced)."""
@@ -360,9 +364,15 @@ def check_output_folder(path: str | os.PathLike, name: str, *, kind: str, overwr
         raise InputError(f"{name}: {p} is {special}; give a folder path")
     if p.exists() and not p.is_dir():
         raise InputError(f"{name}: {p} exists and is not a folder; choose a folder name")
-    if os.path.islink(p):
-        raise InputError(f"{name}: {p} is a symlink; give the folder itself")
-    _check_parent(p, name)
+    # a symlink to a folder is written through (a replacement is swapped in at its target);
+    # missing folders above it are created, so the nearest existing one must be writable
+    target = p.resolve() if os.path.islink(p) else p
+    up = target.parent if str(target.parent) else Path(".")
+    while not up.exists() and up != up.parent:
+        if os.path.islink(up) or _special(up):
+            raise InputError(f"{name}: {up} is {_special(up) or 'a dangling symlink'}; give a folder path")
+        up = up.parent
+    _check_parent(up / target.name, name)
     _inside_artifact(p, kind, name)
     if p.is_dir():
         held = artifact_kind(p)

@@ -579,3 +579,18 @@ def test_a_folder_with_generic_names_is_not_taken_for_an_artifact(w, capsys):
     (w / "proj" / "config.json").write_text("{}")
     assert main(_labels(w, w / "proj" / "lab")) == 0
     attack(capsys, [*_train(w, w / "proj"), "--overwrite"], [w / "proj"], expect="not an amips training run")
+
+
+def test_symlink_to_an_artifact_folder_is_written_through(w):
+    """A symlinked output folder (a big disk, say) is replaced at its target; the link stays."""
+    (w / "link").symlink_to(w / "ix")
+    assert main([*_index(w, w / "link"), "--overwrite"]) == 0
+    assert os.path.islink(w / "link") and (w / "ix" / "index.json").exists()
+    assert main(["verify", str(w / "link")]) == 0
+
+
+def test_missing_folders_above_an_artifact_are_created_but_not_above_a_file(w, capsys):
+    assert main(_index(w, w / "runs" / "deep" / "ix")) == 0
+    attack(capsys, [*_eval(w), "--json", w / "results" / "r.json"], [w / "ix"], expect="does not exist")
+    (w / "a_file").write_text("x")
+    attack(capsys, _index(w, w / "a_file" / "ix"), [w / "a_file"], expect="a_file")

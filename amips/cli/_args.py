@@ -130,6 +130,7 @@ def artifact_output(path: str, name: str, *, kind: str, overwrite: bool, command
 
     given = check_output_folder(path, name, kind=kind, overwrite=overwrite)
     final = given.resolve()  # the lock and the sibling sit beside the real folder ("." too)
+    final.parent.mkdir(parents=True, exist_ok=True)  # checked: the nearest existing one is writable
     with ArtifactLock(final, command):
         _recover_siblings(final, NEW_TAG, OLD_TAG)
         replacing = overwrite and artifact_kind(final) is not None

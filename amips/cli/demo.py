@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     if earlier and not args.overwrite:
         raise InputError(f"out: {out} holds an earlier demo run ({', '.join(earlier)}); "
                          "pass --overwrite to replace it, or choose another --out")
-    with ArtifactLock(out, command_line(args)):
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    with ArtifactLock(out.resolve(), command_line(args)):
         # a replacement is built beside the earlier run and swapped in only once complete
         work = staging_folder(out) if earlier else out
         try:
