@@ -134,6 +134,14 @@ def check_labels_dir(labels_dir, *, keys, queries, partitions=None) -> dict:
             f"labels folder); rerun the same `amips labels` command to finish it"
         )
     manifest = _read_json(manifest_path, "labels")
+    if not isinstance(manifest, dict):
+        raise InputError(f"labels: {manifest_path} is not a JSON object (hand-edited or corrupt); {fix}")
+    inputs = manifest.get("inputs")
+    if manifest.get("complete") is True and inputs is not None and (
+            not isinstance(inputs, dict)
+            or any(not isinstance(inputs.get(n), (dict, type(None))) for n in ("keys", "queries", "partitions"))):
+        raise InputError(f"labels: {manifest_path} field 'inputs' is not a set of fingerprints (hand-edited "
+                         f"or corrupt); {fix}")
     if not manifest.get("complete") or "inputs" not in manifest:
         raise InputError(
             f"labels: {manifest_path} records no complete job with input fingerprints (made by an "

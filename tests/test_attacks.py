@@ -397,6 +397,13 @@ READERS = [
     ("labels output deleted", lambda w: (w / "lab/top1_score.npy").unlink(), _train_with_labels, "top1_score.npy"),
     ("labels.json truncated", lambda w: (w / "lab/labels.json").write_text('{"complete": tr'),
      _train_with_labels, "labels.json"),
+    ("labels.json wrong type", lambda w: _edit_json(w / "lab/labels.json", inputs="keys.npy"),
+     _train_with_labels, "inputs"),
+    ("labels.json not an object", lambda w: (w / "lab/labels.json").write_text('"labels"'),
+     _train_with_labels, "labels.json"),
+    ("index.json meta wrong type", lambda w: _edit_json(w / "ix/index.json", meta=[1]), _eval, "meta"),
+    ("state.json hand-edited", lambda w: (w / "run/state.json").write_text('{"step": "four"}'),
+     lambda w: _eval(w, extra=["--router", f"keynet:{w / 'run'}"]), "unfinished"),
     ("train --partitions text file", lambda w: None,
      lambda w: _train(w, w / "new_run", extra=["--partitions", str(w / "text_partitions.npy")]),
      "text_partitions.npy"),
@@ -594,3 +601,19 @@ def test_missing_folders_above_an_artifact_are_created_but_not_above_a_file(w, c
     attack(capsys, [*_eval(w), "--json", w / "results" / "r.json"], [w / "ix"], expect="does not exist")
     (w / "a_file").write_text("x")
     attack(capsys, _index(w, w / "a_file" / "ix"), [w / "a_file"], expect="a_file")
+
+
+def test_labels_resume_redoes_a_damaged_committed_batch(w):
+    out = w / "lab_resume"
+    job = [*_labels(w, out), "--batch-size", "16"]
+    killed = subprocess.run([sys.executable, "-m", "amips", *map(str, job)], capture_output=True, text=True,
+                            env=dict(os.environ, AMIPS_FAULT_POINT="labels-outputs", OMP_NUM_THREADS="1"),
+                            timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    batch = out / ".amips_labels_partial" / "batch_000001.npz"
+    batch.write_bytes(batch.read_bytes()[:50])  # torn by hand (commits are atomic)
+    (out / ".amips_labels_partial" / "job.json").write_text("{")  # and a torn job record: another job
+    assert main(job) == 2  # ... so the partial work is refused without --overwrite
+    (out / ".amips_labels_partial" / "job.json").unlink()
+    assert main(job) == 0
+    assert np.array_equal(np.load(out / "top1_index.npy"), np.load(w / "lab/top1_index.npy"))

@@ -555,6 +555,8 @@ def read_index_json(root: Path) -> dict:
         "partitions_sha256": str, "pq": (dict, type(None)), "files": (dict, type(None)),
         "inputs": (dict, type(None)),
     })
+    if not isinstance(cfg.get("meta"), (dict, type(None))):
+        raise InputError(f"index: {cfg_path} field 'meta' must be an object, got {cfg['meta']!r:.60}")
     if cfg["version"] > FORMAT_VERSION:
         raise InputError(f"index: {cfg_path} has format version {cfg['version']}, newer than this amips reads")
     if cfg["metric"] not in ("ip", "l2"):

@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -177,7 +178,7 @@ def run_label_job(
     work.mkdir(parents=True, exist_ok=True)
     job_file = work / "job.json"
     if job_file.exists():
-        previous = json.loads(job_file.read_text())
+        previous = _read_manifest(job_file)  # a torn or hand-edited job.json is another job
         if previous != job:
             if not overwrite:
                 raise InputError(
@@ -203,11 +204,16 @@ def run_label_job(
     for b in range(n_batches):
         part_file = work / f"batch_{b:06d}.npz"
         if part_file.exists():
-            with np.load(part_file) as f:
+            try:
+                with np.load(part_file) as f:
+                    counts = {key: int(f[f"stat_{key}"]) for key in stats_total}
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                part_file.unlink()  # damaged committed batch (written atomically: tampered): redone
+            else:
                 for key in stats_total:
-                    stats_total[key] += int(f[f"stat_{key}"])
-            bar.update(labeler.n_shards)
-            continue
+                    stats_total[key] += counts[key]
+                bar.update(labeler.n_shards)
+                continue
         a, z = b * batch_size, min((b + 1) * batch_size, nq)
         block = np.array(queries_arr[a:z], dtype=np.float64, order="C")
         if not np.isfinite(block).all():
@@ -216,9 +222,13 @@ def run_label_job(
         state_file = work / f"batch_{b:06d}.state.pt"
         state, first = None, 0
         if state_file.exists():
-            saved = torch.load(state_file, map_location=dev, weights_only=True)
-            first = int(saved["next_shard"])
-            state = {name: Candidates(**saved[name]) for name in ("top", "part") if name in saved}
+            try:
+                saved = torch.load(state_file, map_location=dev, weights_only=True)
+                first = int(saved["next_shard"])
+                state = {name: Candidates(**saved[name]) for name in ("top", "part") if name in saved}
+            except Exception:  # noqa: BLE001 - a damaged shard state: the batch starts again
+                state, first = None, 0
+                state_file.unlink()
             bar.update(first)
         for j in range(first, labeler.n_shards):
             state = labeler.screen(q, j, state, q64=q64)
