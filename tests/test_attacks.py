@@ -318,11 +318,12 @@ def test_two_processes_cannot_both_take_a_stale_lock(tmp_path):
     go = tmp_path / "go"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     racers = [subprocess.Popen([sys.executable, "-c", _RACER, str(folder), str(go)], stdout=subprocess.PIPE,
-                               text=True, env=env) for _ in range(3)]
+                               stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
     time.sleep(2.5)  # every racer imported amips and waits for the start
     go.touch()
-    outs = [r.communicate(timeout=60)[0].strip() for r in racers]
-    assert sorted(outs) == ["lost", "lost", "won"], outs
+    results = [r.communicate(timeout=60) for r in racers]
+    outs = [out.strip() for out, _ in results]
+    assert sorted(outs) == ["lost", "lost", "won"], results
 
 
 def test_second_real_process_is_refused_while_the_first_writes(w):
