@@ -313,6 +313,17 @@ def artifact_kind(path: str | os.PathLike) -> str | None:
     for kind, groups in _KIND_MARKERS:
         if any(all((p / m).exists() for m in group) for group in groups):
             return kind
+    # a run killed right after its first file: known by what its config.json holds
+    cfg = p / "config.json"
+    if cfg.is_file() and cfg.stat().st_size < (16 << 20):
+        try:
+            obj = json.loads(cfg.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            return None
+        if isinstance(obj, dict) and {"model", "train", "n_keys"} <= obj.keys():
+            return "training run"
+        if isinstance(obj, dict) and {"similarity", "fit", "ratings"} <= obj.keys():
+            return "mol run"
     return None
 
 
