@@ -618,3 +618,14 @@ def test_labels_resume_redoes_a_damaged_committed_batch(w):
     (out / ".amips_labels_partial" / "job.json").unlink()
     assert main(job) == 0
     assert np.array_equal(np.load(out / "top1_index.npy"), np.load(w / "lab/top1_index.npy"))
+
+
+def test_an_old_artifact_left_aside_by_a_killed_swap_is_put_back(w, capsys):
+    """Killed between the two renames of a swap: the next writer restores the old folder."""
+    before = snapshot(w / "ix")
+    os.rename(w / "ix", w / ".ix.amips-old-999999")
+    (w / ".ix.amips-new-999999").mkdir()  # and the unfinished replacement
+    attack(capsys, _index(w, w / "ix"), [], expect="was put back")
+    assert snapshot(w / "ix") == before
+    assert not [p for p in w.glob(".ix.amips-*") if not p.name.endswith("-lock")]
+    attack(capsys, _index(w, w / "ix"), [w / "ix"], expect="already holds an index")

@@ -132,7 +132,10 @@ def artifact_output(path: str, name: str, *, kind: str, overwrite: bool, command
     final = given.resolve()  # the lock and the sibling sit beside the real folder ("." too)
     final.parent.mkdir(parents=True, exist_ok=True)  # checked: the nearest existing one is writable
     with ArtifactLock(final, command):
-        _recover_siblings(final, NEW_TAG, OLD_TAG)
+        if _recover_siblings(final, NEW_TAG, OLD_TAG):
+            raise InputError(f"out: {given} was put back from where an interrupted --overwrite left it "
+                             f"({final.parent}/.{final.name}{OLD_TAG}...); nothing else was changed: run "
+                             "the command again")
         replacing = overwrite and artifact_kind(final) is not None
         target = staging_folder(final) if replacing else given
         try:
@@ -147,16 +150,20 @@ def artifact_output(path: str, name: str, *, kind: str, overwrite: bool, command
             swap_in(target, final, OWN_NAMES.get(kind))
 
 
-def _recover_siblings(final: Path, new_tag: str, old_tag: str) -> None:
+def _recover_siblings(final: Path, new_tag: str, old_tag: str) -> bool:
     """Under the folder's lock: an old artifact left aside by a swap that was killed goes
-    back in place (when nothing replaced it), and unfinished replacements are removed."""
+    back in place (when nothing replaced it; returns True), and unfinished replacements are
+    removed."""
+    restored = False
     for sibling in final.parent.glob(f".{glob.escape(final.name)}{old_tag}*"):
         if not final.exists():
             os.rename(sibling, final)
+            restored = True
         else:
             shutil.rmtree(sibling, ignore_errors=True)
     for sibling in final.parent.glob(f".{glob.escape(final.name)}{new_tag}*"):
         shutil.rmtree(sibling, ignore_errors=True)
+    return restored
 
 
 def command_line(args: argparse.Namespace) -> str:
