@@ -280,9 +280,15 @@ def check_run_finished(root, *, allow_unfinished: bool = False, content: bool = 
         warnings.warn(f"rundir: {root} is an unfinished run; using its latest checkpoint ({where})",
                       stacklevel=3)
         return
+    why = "the run was interrupted or is still running"
+    try:
+        if json.loads((root / "state.json").read_text()).get("stopped_early"):
+            why = "the run stopped early, at its --max-minutes limit"
+    except (OSError, ValueError, AttributeError):
+        pass
     raise InputError(
         f"rundir: {root} is an unfinished training run (model.safetensors is from {where}; "
-        "the run was interrupted or is still running); rerun `amips train ... --resume` to "
+        f"{why}); rerun `amips train ... --resume` to "
         "finish it, or pass --allow-unfinished (allow_unfinished=True) to use the latest checkpoint"
     )
 
