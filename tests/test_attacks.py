@@ -294,7 +294,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(w, capsys):
 _RACER = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    from amips._io import ArtifactLock
+    from amips._outputs import ArtifactLock
     from amips._validate import InputError
     go = Path(sys.argv[2])
     while not go.exists():
@@ -329,7 +329,7 @@ def test_two_processes_cannot_both_take_a_stale_lock(tmp_path):
 def test_second_real_process_is_refused_while_the_first_writes(w):
     """Two real `amips` processes on one --out: the second exits 2 naming the first."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from amips._io import ArtifactLock; "
+        [sys.executable, "-c", "import sys, time; from amips._outputs import ArtifactLock; "
          "l = ArtifactLock(sys.argv[1], 'amips index build (first)').acquire(); print('locked', flush=True); "
          "time.sleep(60)", str(w / "ix2")], stdout=subprocess.PIPE, text=True)
     try:

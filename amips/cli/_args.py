@@ -39,9 +39,9 @@ def device_and_threads(args: argparse.Namespace) -> None:
 
 def output_file(path: str | None, name: str, *, overwrite: bool) -> Path | None:
     """A file a command will write (checked before any work, see
-    :func:`amips._io.check_output_file`): refused when it exists (unless ``overwrite``), is
+    :func:`amips._outputs.check_output_file`): refused when it exists (unless ``overwrite``), is
     a folder, a device, FIFO, socket or symlink, or its folder is missing or read-only."""
-    from .._io import check_output_file
+    from .._outputs import check_output_file
 
     return check_output_file(path, name, overwrite=overwrite)
 
@@ -118,7 +118,7 @@ def artifact_output(path: str, name: str, *, kind: str, overwrite: bool, command
     A replacement killed mid-way leaves the old artifact in place (or, killed between the
     two renames of the swap, aside under ``.NAME.amips-old-PID``, restored here on the next
     run); its unfinished sibling is removed on the next run."""
-    from .._io import (
+    from .._outputs import (
         NEW_TAG,
         OLD_TAG,
         ArtifactLock,
@@ -145,7 +145,7 @@ def artifact_output(path: str, name: str, *, kind: str, overwrite: bool, command
                 shutil.rmtree(target, ignore_errors=True)
             raise
         if replacing:
-            from .._io import OWN_NAMES
+            from .._outputs import OWN_NAMES
 
             swap_in(target, final, OWN_NAMES.get(kind))
 

@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .._io import ArtifactLock, check_output_folder, staging_folder
+from .._outputs import ArtifactLock, check_output_folder, staging_folder
 from .._validate import InputError
 from ._args import command_line
 

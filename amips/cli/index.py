@@ -133,7 +133,7 @@ def run_build(args: argparse.Namespace) -> int:
         check_threshold(args.anisotropic_threshold)
     elif args.anisotropic_threshold is not None:
         raise InputError("anisotropic-threshold: applies to PQ codes only; pass --pq-subspaces too")
-    from .._io import check_output_folder
+    from .._outputs import check_output_folder
 
     out = check_output_folder(args.out, "out", kind="index", overwrite=args.overwrite)
     if (out / "index.json").exists() and not (out / ".incomplete").exists() and not args.overwrite:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .._io import check_output_folder
+from .._outputs import check_output_folder
 from .._validate import InputError
 from ._args import (
     add_device,

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._io import artifact_kind
+    from .._outputs import artifact_kind
 
     root = Path(args.path)
     if not root.exists():
@@ -111,7 +111,7 @@ def _mol_run(root: Path) -> str:
 
 
 def _demo(root: Path) -> str:
-    from .._io import artifact_kind
+    from .._outputs import artifact_kind
 
     if not (root / "results.json").exists():
         raise InputError(f"demo: {root} has no results.json: the demo did not finish; rerun it with --overwrite")
