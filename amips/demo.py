@@ -28,6 +28,7 @@ import dataclasses
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -367,9 +368,10 @@ def run_demo(
     echo(f"[3/7] index: {n_lists} lists (sizes {int(sizes.min())}..{int(sizes.max())}) in "
          f"{time.time() - t0:.1f} s -> {index_dir}")
 
+    from .models import load_model
     from .train import train
 
-    routers: dict[str, str] = {"centroid": "centroid"}
+    routers: dict = {"centroid": "centroid"}
     for kind, label in (("router-mlp", "multi-head router"), ("keynet", "KeyNet")):
         run = out / "runs" / f"{kind}-{n_lists}"
         cfg = _train_config(kind, quick, train_minutes)
@@ -378,15 +380,20 @@ def run_demo(
               partitions=index_dir / "partitions.npy" if kind == "router-mlp" else None,
               device="cpu", progress=False)
         steps = _finished_steps(run)
-        spec = ("router:" if kind == "router-mlp" else "keynet:") + str(run)
-        n_params = sum(p.numel() for p in index.router(spec).model.parameters())
-        echo(f"[4/7] trained {label}: {n_params:,} parameters, {steps} steps of batch "
+        # the demo trains for a time budget: a run that reached it is unfinished by design, so
+        # it is loaded as such (its step count is reported here instead of a warning)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            model = load_model(run, allow_unfinished=True)
+        n_params = sum(p.numel() for p in model.parameters())
+        budget = f" (the {train_minutes:g}-minute budget)" if steps < cfg.steps else ""
+        echo(f"[4/7] trained {label}: {n_params:,} parameters, {steps} steps{budget} of batch "
              f"{cfg.batch_size} in {time.time() - t0:.0f} s (labels included) -> {run}")
         if kind == "router-mlp":
-            routers[ROUTER_LABEL] = spec
+            routers[ROUTER_LABEL] = index._router_from_model(model, "router")
         else:
-            routers[KEYNET_ROUTE_LABEL] = "keynet-route:" + str(run)
-            routers[KEYNET_SUB_LABEL] = spec
+            routers[KEYNET_ROUTE_LABEL] = index._router_from_model(model, "keynet-route")
+            routers[KEYNET_SUB_LABEL] = index._router_from_model(model, "keynet")
 
     t0 = time.time()
     rows = []

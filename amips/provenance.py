@@ -134,11 +134,23 @@ def check_labels_dir(labels_dir, *, keys, queries, partitions=None) -> dict:
             f"labels folder); rerun the same `amips labels` command to finish it"
         )
     manifest = _read_json(manifest_path, "labels")
+    if not isinstance(manifest, dict):
+        raise InputError(f"labels: {manifest_path} is not a JSON object (hand-edited or corrupt); {fix}")
+    inputs = manifest.get("inputs")
+    if manifest.get("complete") is True and inputs is not None and (
+            not isinstance(inputs, dict)
+            or any(not isinstance(inputs.get(n), (dict, type(None))) for n in ("keys", "queries", "partitions"))):
+        raise InputError(f"labels: {manifest_path} field 'inputs' is not a set of fingerprints (hand-edited "
+                         f"or corrupt); {fix}")
     if not manifest.get("complete") or "inputs" not in manifest:
         raise InputError(
             f"labels: {manifest_path} records no complete job with input fingerprints (made by an "
             f"older amips or interrupted); {fix}"
         )
+    if manifest.get("files") is not None:
+        from ._io import check_files
+
+        check_files(root, manifest["files"], "labels")  # the outputs as they were written
     inputs = manifest["inputs"]
     for name, given in (("keys", keys), ("queries", queries)):
         check_same(name, f"the labels in {root} were computed for other {name}", inputs.get(name),
@@ -242,24 +254,41 @@ def run_status(root: Path) -> tuple[bool, int | None, int | None]:
         return False, step, total
     try:
         state = json.loads(state_path.read_text())
-    except (OSError, json.JSONDecodeError):
+        same_step = step is not None and int(state.get("step", -2)) == step
+    except (OSError, ValueError, TypeError, AttributeError):
         return False, step, total
-    return (step is not None and int(state.get("step", -2)) == step), step, total
+    # a run stopped early (--max-minutes, or by any other cause) is not finished, whatever
+    # its last checkpoint says; runs from before "finished" was recorded count by their step
+    finished = state.get("finished", True) is True and not state.get("stopped_early", False)
+    return (same_step and finished), step, total
 
 
-def check_run_finished(root, *, allow_unfinished: bool = False) -> None:
+def check_run_finished(root, *, allow_unfinished: bool = False, content: bool = True) -> None:
+    """A finished run whose files are as recorded; an unfinished one refused (or, with
+    ``allow_unfinished``, warned about)."""
+    from ._io import check_files
+
     root = Path(root)
     complete, step, total = run_status(root)
     if complete:
+        state = _read_json(root / "state.json", "rundir")
+        if state.get("files") is not None:
+            check_files(root, state["files"], "rundir", content=content)
         return
     where = f"step {step if step is not None else '?'} of {total if total is not None else '?'}"
     if allow_unfinished:
         warnings.warn(f"rundir: {root} is an unfinished run; using its latest checkpoint ({where})",
                       stacklevel=3)
         return
+    why = "the run was interrupted or is still running"
+    try:
+        if json.loads((root / "state.json").read_text()).get("stopped_early"):
+            why = "the run stopped early, at its --max-minutes limit"
+    except (OSError, ValueError, AttributeError):
+        pass
     raise InputError(
         f"rundir: {root} is an unfinished training run (model.safetensors is from {where}; "
-        "the run was interrupted or is still running); rerun `amips train ... --resume` to "
+        f"{why}); rerun `amips train ... --resume` to "
         "finish it, or pass --allow-unfinished (allow_unfinished=True) to use the latest checkpoint"
     )
 
@@ -289,3 +318,41 @@ def check_resume(recorded: dict | None, given: dict, root) -> None:
         check_same(name, f"the run in {root} was started on other {name}", recorded.get(name),
                    f"the given {name}", given.get(name),
                    "resume with the inputs the run started with, or start a new run (--overwrite)")
+
+
+# --------------------------------------------------------------------------------------
+# recommender runs (amips mol train)
+# --------------------------------------------------------------------------------------
+def check_mol_run(model_dir, ratings=None, *, content: bool = True) -> dict:
+    """A finished ``amips mol train`` folder whose files are as recorded and, given
+    ``ratings``, trained on that very file (by content). Returns its metrics.json."""
+    from ._io import check_files, content_fingerprint, file_fingerprint, read_json
+
+    root = Path(model_dir)
+    if not root.exists():
+        raise InputError(f"model: no such folder: {root}")
+    if not root.is_dir():
+        raise InputError(f"model: {root} is not a folder (expected the --out folder of `amips mol train`)")
+    cfg = read_json(root / "config.json", "model", fields={"similarity": str, "model": dict, "n_items": int})
+    if not (root / "metrics.json").exists():
+        raise InputError(f"model: {root} is an unfinished training run (no metrics.json: stopped by "
+                         "--max-minutes, interrupted or still running); rerun `amips mol train ... --resume`")
+    metrics = read_json(root / "metrics.json", "model")
+    if metrics.get("files") is not None:
+        check_files(root, metrics["files"], "model", content=content)
+    if ratings is not None:
+        p = Path(ratings)
+        if not p.is_file():
+            raise InputError(f"ratings: no such file: {p}")
+        recorded = cfg.get("ratings_content")
+        if isinstance(recorded, dict):
+            given = content_fingerprint(p)
+            same_file = given["size"] == recorded.get("size") and given["blake2b"] == recorded.get("blake2b")
+        else:  # runs from before the whole-content fingerprint
+            given = file_fingerprint(p)
+            old = cfg.get("ratings") or {}
+            same_file = given["size"] == old.get("size") and given["sha256_head_tail"] == old.get("sha256_head_tail")
+        if not same_file:
+            raise InputError(f"ratings: {p} is not the file the model in {root} was trained on (content "
+                             "differs); evaluate on the training ratings file, or train on this one")
+    return metrics

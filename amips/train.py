@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from . import labels as _labels
 from . import noisy as _noisy
 from . import provenance as _provenance
-from ._io import atomic_save_npy, atomic_write_bytes, atomic_write_json, sha256_file
+from ._io import atomic_save_npy, atomic_write_bytes, atomic_write_json, files_record, sha256_file
 from ._io import fault_point as _fault_point
 from ._validate import InputError, check_int_vector, check_matrix, to_tensor
 from .models import MODEL_KINDS, build_model, count_params, size_width
@@ -128,6 +128,10 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------
+#: the files of a run that ``state.json`` records (size + blake2b) and readers check
+RUN_FILES = ("config.json", "model.safetensors")
+
+
 def _atomic_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
     from safetensors.torch import save
 
@@ -638,10 +642,16 @@ def _read_checkpoint(root: Path) -> tuple[dict, int] | None:
     ckpt_path = root / "checkpoint.safetensors"
     if not ckpt_path.exists():
         return None
-    with safe_open(str(ckpt_path), framework="pt") as fh:
-        meta = fh.metadata() or {}
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    return tensors, int(meta.get("step", 0))
+    try:
+        with safe_open(str(ckpt_path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        return tensors, int(meta.get("step", 0))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several kinds for a torn file
+        raise InputError(
+            f"resume: {ckpt_path} is truncated or corrupt ({exc.__class__.__name__}: {str(exc)[:120]}); "
+            "start the run again with --overwrite"
+        ) from None
 
 
 def _resume_metrics(root: Path, start: int | None) -> None:
@@ -808,11 +818,12 @@ def train(
     cfg.validate()
     inp = _load_inputs(keys, queries, partitions, cfg, device, labels_dir=labels_dir)
     root = Path(out)
+    # a torn checkpoint is refused before the run folder is touched
+    ckpt = _read_checkpoint(root) if resume else None
     cfg, model_cfg, run_cfg = _prepare_run_folder(root, cfg, inp, resume)
     lab, train_idx, val_idx = _run_labels(root, cfg, inp, labels_dir, progress)
     m = _setup_model(cfg, model_cfg, inp, lab, train_idx)
     start = 0
-    ckpt = _read_checkpoint(root) if resume else None
     if ckpt is not None:
         _restore(ckpt[0], m.model, m.ema, m.optimizer, m.gen_cpu, m.gen_dev, inp.dev)
         start = ckpt[1]
@@ -894,8 +905,11 @@ def _train_loop(root: Path, cfg: TrainConfig, model_cfg: dict, run_cfg: dict, in
         with open(metrics_path, "a") as mfh:
             mfh.write(json.dumps(last) + "\n")
         _save_checkpoint(root, run_cfg, step, m)
-    state = {"step": step, "steps": cfg.steps, "finished": step >= cfg.steps, "elapsed_s": time.time() - t0,
-             "val": last}
+    # "finished" only when every step ran: a run stopped by max_minutes (or any other stop)
+    # is unfinished, and its files are recorded so that a reader can check them
+    state = {"step": step, "steps": cfg.steps, "finished": step >= cfg.steps,
+             "stopped_early": step < cfg.steps, "elapsed_s": time.time() - t0, "val": last,
+             "files": files_record(root, RUN_FILES)}
     _fault_point("train-final")
     atomic_write_json(root / "state.json", state)
     return last

@@ -125,7 +125,7 @@ def train_model(kind, keys, q_train, out, partitions, steps, minutes, width, dep
 
     out = Path(out)
     if (out / "model.safetensors").exists() and (out / "done").exists():
-        return amips.load_model(out), None
+        return amips.load_model(out, allow_unfinished=True), None  # may have stopped at the budget
     # noise_fraction = 0: noisy queries need exact per-list labels on the fly, too slow on 2
     # CPU cores (and Gaussian noise of 0.1 gave nothing measurable for the router here)
     cfg = TrainConfig(model=kind, width=width, depth=depth, steps=steps, batch_size=1024,
@@ -137,7 +137,7 @@ def train_model(kind, keys, q_train, out, partitions, steps, minutes, width, dep
                     labels_dir=labels_dir, device=str(device), resume=(out / "config.json").exists(),
                     progress=False)
     (out / "done").write_text("ok\n")
-    return amips.load_model(out), {"train_seconds": time.time() - t0, **(metrics or {})}
+    return amips.load_model(out, allow_unfinished=True), {"train_seconds": time.time() - t0, **(metrics or {})}
 
 
 def main(argv=None) -> int:
@@ -310,7 +310,15 @@ def main(argv=None) -> int:
                          "refine": 0, "family": label, **(extra or {})}, fn))
 
     def router_of(spec):
-        return index.router(*spec[:1], dtype=spec[1]) if isinstance(spec, tuple) else index.router(spec)
+        from amips.index.routers import parse_router_spec
+
+        spec, dtype = spec if isinstance(spec, tuple) else (spec, None)
+        kind, path = parse_router_spec(spec)
+        if path is None:
+            return index.router(spec, dtype=dtype)
+        # runs trained to a time budget (--minutes) are unfinished by design: loaded as such
+        model = amips.load_model(path, device=index.device, allow_unfinished=True)
+        return index._router_from_model(model, kind, dtype=dtype)
 
     for label, spec in routers.items():
         rt = router_of(spec)  # loaded once; its cost per query is in every timed call

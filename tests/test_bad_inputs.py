@@ -189,6 +189,11 @@ CLI_CASES = [
     ("mol-train-ratings-non-numeric", ["mol", "train", "--ratings", "{ratings_nonnum}", "--out", "{tmp}/out"], "mol", "ratings"),
     ("mol-train-device-gpu", ["mol", "train", "--ratings", "{ratings_nocol}", "--out", "{tmp}/out", "--device", "gpu"], "mol", "device"),
     ("mol-eval-model-missing", ["mol", "eval", "--model", "{tmp}/none", "--ratings", "{ratings_nocol}"], "mol", "model"),
+    # verify (the attack table in test_attacks.py tampers with every kind of artifact)
+    ("verify-missing", ["verify", "{missing}"], "verify", "path"),
+    ("verify-not-an-artifact", ["verify", "{tmp}"], "verify", "not an amips artifact"),
+    ("verify-index-unfinished", ["verify", "{root}/index_unfinished"], "verify", "index"),
+    ("verify-run-unfinished", ["verify", "{root}/run_unfinished"], "verify", "unfinished"),
     # demo (argument checks before any work)
     ("demo-nprobe-0", ["demo", "--quick", "--nprobe", "0", "--out", "{tmp}/demo"], "demo", "nprobe: 0 out of range, must be >= 1"),
     ("demo-train-minutes-0", ["demo", "--quick", "--train-minutes", "0", "--out", "{tmp}/demo"], "demo", "train-minutes"),
@@ -344,6 +349,11 @@ def test_unfinished_run_loads_only_when_asked(ws):
 
 def test_eval_allow_unfinished_and_json_into_new_folder(ws, tmp_path, capsys):
     js = tmp_path / "new" / "deeper" / "r.json"
+    # a --json into a folder that does not exist is refused before any work ...
+    assert main(["eval", "--index", str(ws["root"] / "index"), "--queries", ws["queries"],
+                 "--nprobe", "1", "--json", str(js)]) == 2
+    assert "does not exist" in capsys.readouterr().err and not js.parent.exists()
+    js.parent.mkdir(parents=True)  # ... and written once the folder is there
     with pytest.warns(UserWarning, match="unfinished"):
         rc = main(["eval", "--index", str(ws["root"] / "index"), "--queries", ws["queries"],
                    "--router", f"keynet:{ws['root']}/run_unfinished", "--allow-unfinished",
@@ -351,6 +361,7 @@ def test_eval_allow_unfinished_and_json_into_new_folder(ws, tmp_path, capsys):
                    "--json", str(js)])
     assert rc == 0 and json.loads(js.read_text())["results"]
     out = tmp_path / "sub" / "ix.faiss"
+    out.parent.mkdir()
     assert main(["index", "export-faiss", str(ws["root"] / "index"), "--out", str(out)]) == 0
     assert out.stat().st_size > 0
     assert main(["index", "export-faiss", str(ws["root"] / "index"), "--out", str(out), "--overwrite"]) == 0
@@ -435,22 +446,35 @@ def test_subprocess_errors_have_no_traceback(ws, tmp_path):
 
 def test_labels_killed_while_writing_final_outputs(ws, tmp_path):
     root = ws["root"]
+    job = ["labels", "--keys", ws["keys"], "--queries", ws["queries"], "--topk", "3", "--quiet"]
+    clean = tmp_path / "clean"
+    assert main([*map(str, job), "--out", str(clean)]) == 0
+
+    def same_as_clean(folder):
+        for name in ("top1_index", "top1_score", "topk_index", "topk_score"):
+            assert np.array_equal(np.load(folder / f"{name}.npy"), np.load(clean / f"{name}.npy"))
+        assert json.loads((folder / "labels.json").read_text())["complete"] is True
+
+    # a job killed between two of its final files leaves nothing complete-looking ...
     out = tmp_path / "lab"
-    shutil.copytree(root / "labels_nopart", out)  # a complete folder of another job (top-1 only)
-    args = ["labels", "--keys", ws["keys"], "--queries", ws["queries"], "--topk", "3",
-            "--out", out, "--overwrite", "--quiet"]
-    r = _amips(args, AMIPS_FAULT_POINT="labels-outputs:2")
+    r = _amips([*job, "--out", out], AMIPS_FAULT_POINT="labels-outputs:2")
     assert r.returncode == -9, r.stderr
     assert (out / "top1_index.npy").exists() and not (out / "labels.json").exists()
     with pytest.raises(InputError, match="labels.json"):  # nothing complete-looking for consumers
         _train(ws, labels_dir=out)
-    assert main([a if not isinstance(a, Path) else str(a) for a in args[:-2]] + ["--quiet"]) == 0
-    clean = tmp_path / "clean"
-    assert main(["labels", "--keys", ws["keys"], "--queries", ws["queries"], "--topk", "3",
-                 "--out", str(clean), "--quiet"]) == 0
-    for name in ("top1_index", "top1_score", "topk_index", "topk_score"):
-        assert np.array_equal(np.load(out / f"{name}.npy"), np.load(clean / f"{name}.npy"))
-    assert json.loads((out / "labels.json").read_text())["complete"] is True
+    assert main([*map(str, job), "--out", str(out)]) == 0  # ... and the same command finishes it
+    same_as_clean(out)
+    # with --overwrite the new labels are built beside the old ones: killed the same way, the
+    # old folder (a complete job of other options) is left whole, and a rerun replaces it
+    old = tmp_path / "old"
+    shutil.copytree(root / "labels_nopart", old)
+    before = {p.name: p.read_bytes() for p in old.iterdir() if p.is_file()}
+    r = _amips([*job, "--out", old, "--overwrite"], AMIPS_FAULT_POINT="labels-outputs:2")
+    assert r.returncode == -9, r.stderr
+    assert {p.name: p.read_bytes() for p in old.iterdir() if p.is_file()} == before
+    assert main([*map(str, job), "--out", str(old), "--overwrite"]) == 0
+    same_as_clean(old)
+    assert not [p for p in tmp_path.iterdir() if ".amips-new-" in p.name or ".amips-old-" in p.name]
 
 
 def test_index_build_killed_while_writing_final_outputs(ws, tmp_path):

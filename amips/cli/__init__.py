@@ -12,14 +12,17 @@ its traceback. The policy is written down in ``docs/errors.md``.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
 from .._validate import InputError
 from ._args import complete_help
 
+_USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
+
 # Order in which subcommands appear in --help.
-SUBCOMMANDS = ("demo", "labels", "train", "index", "eval", "mol")
+SUBCOMMANDS = ("demo", "labels", "train", "index", "eval", "mol", "verify")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,6 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         message = " ".join(str(exc).split())  # one line, whatever the message held
         print(f"amips {command}: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # the machine refused a write or read (disk full, read-only, no permission, quota):
+        # the user's to fix, and the swap of --overwrite kept the old artifact
+        if exc.errno not in _USER_ERRNOS:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"amips {command}: error: cannot write or read{where}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"amips {command}: interrupted; rerun the same command to resume", file=sys.stderr)

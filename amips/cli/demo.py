@@ -4,8 +4,13 @@ to end (labels, index, trained router and KeyNet, evaluation, summary, plot)."""
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+from pathlib import Path
 
+from .._outputs import ArtifactLock, check_output_folder, staging_folder
 from .._validate import InputError
+from ._args import command_line
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from ..demo import DEMO_OUTPUTS, run_demo
     from ..eval import parse_nprobes
 
     if not args.train_minutes > 0:
@@ -52,8 +57,41 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"threads: must be >= 1, got {args.threads}")
     if args.n_lists is not None and args.n_lists < 2:
         raise InputError(f"n-lists: must be >= 2, got {args.n_lists}")
-    run_demo(args.data, args.out, overwrite=args.overwrite, n_lists=args.n_lists,
-             nprobes=parse_nprobes(args.nprobe), train_minutes=args.train_minutes,
-             max_test=args.max_test, quick=args.quick, threads=args.threads,
-             plot=not args.no_plot)
+    nprobes = parse_nprobes(args.nprobe)
+    if args.data is not None and not Path(args.data).is_dir():
+        raise InputError(f"data: {args.data} is not a folder (expected keys.npy, queries_train.npy, "
+                         "queries_test.npy)")
+    out = check_output_folder(args.out, "out", kind="demo run", overwrite=args.overwrite)
+    earlier = [name for name in DEMO_OUTPUTS if (out / name).exists()]
+    if earlier and not args.overwrite:
+        raise InputError(f"out: {out} holds an earlier demo run ({', '.join(earlier)}); "
+                         "pass --overwrite to replace it, or choose another --out")
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    with ArtifactLock(out.resolve(), command_line(args)):
+        # a replacement is built beside the earlier run and swapped in only once complete
+        work = staging_folder(out) if earlier else out
+        try:
+            run_demo(args.data, work, overwrite=False, n_lists=args.n_lists, nprobes=nprobes,
+                     train_minutes=args.train_minutes, max_test=args.max_test, quick=args.quick,
+                     threads=args.threads, plot=not args.no_plot)
+        except BaseException:
+            if earlier:
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+        if earlier:
+            _swap_outputs(work, out, DEMO_OUTPUTS)
     return 0
+
+
+def _swap_outputs(work: Path, out: Path, outputs) -> None:
+    """Move the new demo's outputs into ``out`` one by one (each an atomic rename; the earlier
+    run's are moved aside first and deleted at the end); other files in ``out`` stay."""
+    aside = out / f".amips-old-{os.getpid()}"
+    aside.mkdir(exist_ok=True)
+    for name in outputs:
+        if (out / name).exists() or (out / name).is_symlink():
+            os.rename(out / name, aside / name)
+        if (work / name).exists():
+            os.rename(work / name, out / name)
+    shutil.rmtree(aside, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)

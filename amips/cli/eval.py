@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--single", type=int, default=200, help="queries timed one at a time (0 = skip)")
     add_threads(p)
     add_device(p)
-    p.add_argument("--json", default=None, help="write the results as JSON here (folders are created)")
+    p.add_argument("--json", default=None, help="write the results as JSON here (its folder must exist)")
     p.add_argument("--plot", default=None, help="write a PNG of match@1 vs FLOPs and QPS (Pareto curves, nprobe marked) here")
     p.add_argument("--allow-unfinished", action="store_true",
                    help="use the latest checkpoint of an unfinished training run as a router (warns)")

@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .._validate import InputError
-from ._args import (
-    add_device,
-    add_overwrite,
-    add_threads,
-    clear_folder,
-    device_and_threads,
-    output_file,
-    output_folder,
-)
-
-_INDEX_FILES = ("index.json", ".incomplete", "centroids.npy", "partitions.npy", "lists.safetensors", "pq.safetensors",
-                ".kmeans-stage.json")
+from ._args import add_device, add_overwrite, add_threads, device_and_threads, output_file
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -80,28 +68,75 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
-def _fingerprint(args, keys: np.ndarray) -> dict:
+def _stage_record(args, keys: np.ndarray) -> dict:
+    """What a k-means stage was computed from: the options and the keys' content (the whole
+    file's blake2b, and the values' fingerprint), so a replaced keys file is never reused."""
+    from .._io import content_fingerprint
+    from ..data import _split_hdf5
+    from ..provenance import fingerprint
+
+    file, dataset = _split_hdf5(args.keys)
     return {
-        "keys": str(Path(args.keys).resolve()) if ":" not in args.keys else args.keys,
-        "shape": list(keys.shape),
+        "keys_file": {**content_fingerprint(file), "dataset": dataset},
+        "keys": fingerprint(keys),
         "n_lists": args.n_lists,
         "metric": args.metric,
         "iters": args.iters,
         "seed": args.seed,
-        "partitions": args.partitions,
     }
+
+
+def _reusable_stage(out: Path, record: dict, n_keys: int, d: int, n_lists: int):
+    """(centroids, partitions) of an interrupted build of this very job, or None."""
+    from .._io import check_files, load_npy, read_json
+
+    stage_path = out / ".kmeans-stage.json"
+    if not stage_path.exists():
+        return None
+    try:
+        stage = read_json(stage_path, "out", fields={"job": dict, "files": dict})
+    except InputError:
+        return None  # a torn or foreign stage file: redo the k-means
+    if stage["job"] != record:
+        return None
+    try:
+        check_files(out, stage["files"], "out", names=["centroids.npy", "partitions.npy"])
+        centroids = load_npy(out / "centroids.npy", "centroids", ndim=2, kind="f", shape=(n_lists, d))
+        partitions = load_npy(out / "partitions.npy", "partitions", ndim=1, kind="iu", shape=(n_keys,))
+    except InputError:
+        return None
+    if partitions.size and (int(partitions.min()) < 0 or int(partitions.max()) >= n_lists):
+        return None
+    return centroids, partitions
 
 
 def run_build(args: argparse.Namespace) -> int:
     import torch
 
+    from .._io import files_record
     from ..data import load_array
     from ..index.ivf import IVFIndex, atomic_save_json, atomic_save_npy
     from ..index.kmeans import kmeans
+    from ._args import artifact_output, check_input_file, command_line, load_partitions
 
+    # every argument and input is checked before the output folder is touched
     device_and_threads(args)
-    out = output_folder(args.out, "out")
-    if (out / "index.json").exists() and not args.overwrite:
+    check_input_file(args.keys, "keys")
+    check_input_file(args.partitions, "partitions")
+    if args.iters < 1:
+        raise InputError(f"iters: must be >= 1, got {args.iters}")
+    if args.pq_subspaces is not None:
+        if args.pq_subspaces < 1:
+            raise InputError(f"pq-subspaces: must be >= 1, got {args.pq_subspaces}")
+        from ..index.pq_scanner import check_threshold
+
+        check_threshold(args.anisotropic_threshold)
+    elif args.anisotropic_threshold is not None:
+        raise InputError("anisotropic-threshold: applies to PQ codes only; pass --pq-subspaces too")
+    from .._outputs import check_output_folder
+
+    out = check_output_folder(args.out, "out", kind="index", overwrite=args.overwrite)
+    if (out / "index.json").exists() and not (out / ".incomplete").exists() and not args.overwrite:
         raise InputError(f"out: {out} already holds an index; pass --overwrite to rebuild it")
     keys_np = load_array(args.keys, name="keys")
     if keys_np.ndim != 2:
@@ -112,11 +147,15 @@ def run_build(args: argparse.Namespace) -> int:
         raise InputError(f"keys: expected numeric vectors, got dtype {keys_np.dtype}")
     if args.n_lists < 1 or args.n_lists > keys_np.shape[0]:
         raise InputError(f"n-lists: must be in [1, {keys_np.shape[0]}] (the number of keys), got {args.n_lists}")
+    if args.pq_subspaces is not None:
+        from ..quantize import check_pq_shape
+
+        check_pq_shape(keys_np.shape[1], args.pq_subspaces, args.pq_bits)
     partitions_in = None
     if args.partitions:
-        partitions_in = load_array(args.partitions, name="partitions", mmap=False)
-        if partitions_in.ndim != 1:
-            raise InputError(f"partitions: expected a 1-D array of list ids, got shape {partitions_in.shape}")
+        partitions_in = load_partitions(args.partitions, keys_np.shape[0])
+        if int(partitions_in.max()) >= args.n_lists:
+            raise InputError(f"partitions: list id {int(partitions_in.max())} >= n-lists = {args.n_lists}")
     keys = torch.from_numpy(np.array(keys_np, dtype=np.float32, order="C"))
     if not bool(torch.isfinite(keys).all()):
         raise InputError("keys: contains NaN or inf values (or values beyond the float32 range)")
@@ -126,48 +165,40 @@ def run_build(args: argparse.Namespace) -> int:
 
     check_storage_range(keys, args.storage, peak=float(np.abs(keys_np).max()) if keys_np.dtype == np.float64 else None,
                         source_dtype=torch.float64 if keys_np.dtype == np.float64 else None)
-    if args.overwrite:
-        clear_folder(out, _INDEX_FILES)
-    out.mkdir(parents=True, exist_ok=True)
-    stage_path = out / ".kmeans-stage.json"
-    fp = _fingerprint(args, keys_np)
     say = (lambda *a: None) if args.quiet else print
-    partitions = centroids = None
-    if args.pq_subspaces:
-        from ..index.pq_scanner import check_threshold
+    record = None if partitions_in is not None else _stage_record(args, keys_np)
+    with artifact_output(args.out, "out", kind="index", overwrite=args.overwrite,
+                         command=command_line(args)) as work:
+        work.mkdir(parents=True, exist_ok=True)
+        stage_path = work / ".kmeans-stage.json"
+        partitions = centroids = None
+        reused = None if record is None else _reusable_stage(work, record, *keys_np.shape, args.n_lists)
+        if partitions_in is not None:
+            partitions = partitions_in
+        elif reused is not None:
+            centroids, partitions = reused
+            say(f"index: resuming, reusing the k-means in {out}")
+        else:
+            say(f"index: k-means of {keys.shape[0]:,} keys x {keys.shape[1]} into {args.n_lists} lists ({args.metric})")
+            cents, part = kmeans(keys, args.n_lists, metric=args.metric, iters=args.iters, seed=args.seed,
+                                 backend=args.kmeans_backend, device=args.device)
+            centroids, partitions = cents.cpu().numpy(), part.cpu().numpy().astype(np.int64)
+            stage_path.unlink(missing_ok=True)
+            atomic_save_npy(work / "centroids.npy", centroids)
+            atomic_save_npy(work / "partitions.npy", partitions)
+            atomic_save_json(stage_path, {"job": record,
+                                          "files": files_record(work, ["centroids.npy", "partitions.npy"])})
+        index = IVFIndex.build(
+            keys, args.n_lists, metric=args.metric, seed=args.seed, device=args.device,
+            partitions=partitions, centroids=centroids, storage_dtype=args.storage,
+            pq_subspaces=args.pq_subspaces, pq_bits=args.pq_bits,
+            anisotropic_threshold=args.anisotropic_threshold,
+        )
+        from ..provenance import fingerprint
 
-        check_threshold(args.anisotropic_threshold)  # before the k-means, not after it
-    if partitions_in is not None:
-        partitions = partitions_in
-    elif (
-        stage_path.exists()
-        and json.loads(stage_path.read_text()) == fp
-        and (out / "centroids.npy").exists()
-        and (out / "partitions.npy").exists()
-    ):
-        centroids = np.load(out / "centroids.npy")
-        partitions = np.load(out / "partitions.npy")
-        say(f"index: resuming, reusing the k-means in {out}")
-    else:
-        say(f"index: k-means of {keys.shape[0]:,} keys x {keys.shape[1]} into {args.n_lists} lists ({args.metric})")
-        cents, part = kmeans(keys, args.n_lists, metric=args.metric, iters=args.iters, seed=args.seed,
-                             backend=args.kmeans_backend, device=args.device)
-        centroids, partitions = cents.cpu().numpy(), part.cpu().numpy().astype(np.int64)
-        atomic_save_npy(out / "centroids.npy", centroids)
-        atomic_save_npy(out / "partitions.npy", partitions)
-        atomic_save_json(stage_path, fp)
-    index = IVFIndex.build(
-        keys, args.n_lists, metric=args.metric, seed=args.seed, device=args.device,
-        partitions=partitions, centroids=centroids, storage_dtype=args.storage,
-        pq_subspaces=args.pq_subspaces, pq_bits=args.pq_bits,
-        anisotropic_threshold=args.anisotropic_threshold,
-    )
-    from ..provenance import fingerprint
-
-    index.inputs = {**(index.inputs or {}), "keys": fingerprint(keys_np)}  # the file's values, not fp32's
-    index.save(out)
-    if stage_path.exists():
-        stage_path.unlink()
+        index.inputs = {**(index.inputs or {}), "keys": fingerprint(keys_np)}  # the file's values, not fp32's
+        index.save(work)
+        stage_path.unlink(missing_ok=True)
     say(f"index: wrote {out}: {index}")
     return 0
 
@@ -193,6 +224,9 @@ def run_export(args: argparse.Namespace) -> int:
 
     out = output_file(args.out, "out", overwrite=args.overwrite)
     index = IVFIndex.load(args.index)
+    if args.kind == "pqfs" and args.pq_subspaces is not None and (
+            args.pq_subspaces < 1 or index.d % args.pq_subspaces):
+        raise InputError(f"pq-subspaces: must divide d = {index.d}, got {args.pq_subspaces}")
     fidx = index.to_faiss(args.kind, pq_subspaces=args.pq_subspaces)
     atomic_write_bytes(out, faiss.serialize_index(fidx).tobytes())
     print(f"index: wrote faiss {type(fidx).__name__} ({fidx.ntotal:,} keys, {fidx.nlist} lists) to {args.out}")

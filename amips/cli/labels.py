@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._args import add_device, add_overwrite, add_threads, device_and_threads
+from .._validate import InputError
+from ._args import (
+    add_device,
+    add_overwrite,
+    add_threads,
+    artifact_output,
+    check_input_file,
+    command_line,
+    device_and_threads,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,26 +46,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from .. import distributed
+def _job(args: argparse.Namespace, out, device, *, overwrite: bool) -> dict:
     from ..labels import run_label_job
 
+    return run_label_job(
+        args.keys, args.queries, out, partitions_path=args.partitions, topk=args.topk, device=device,
+        batch_size=args.batch_size, shard_size=args.shard_size, precision=args.precision,
+        progress=not args.quiet, overwrite=overwrite,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import distributed
+
     device_and_threads(args)
+    for name in ("keys", "queries", "partitions"):
+        check_input_file(getattr(args, name), name)
+    for name in ("topk", "batch_size", "shard_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InputError(f"{name.replace('_', '-')}: must be >= 1, got {value}")
     # under torchrun: join the process group (gloo on cpu, nccl on cuda) for this command
     with distributed.session(args.device) as device:
-        manifest = run_label_job(
-            args.keys,
-            args.queries,
-            args.out,
-            partitions_path=args.partitions,
-            topk=args.topk,
-            device=device,
-            batch_size=args.batch_size,
-            shard_size=args.shard_size,
-            precision=args.precision,
-            progress=not args.quiet,
-            overwrite=args.overwrite,
-        )
+        if distributed.world_size() > 1:
+            # the ranks share --out: the job's own manifest logic coordinates them
+            manifest = _job(args, args.out, device, overwrite=args.overwrite)
+        else:
+            with artifact_output(args.out, "out", kind="labels", overwrite=args.overwrite,
+                                 command=command_line(args)) as work:
+                manifest = _job(args, work, device, overwrite=False)
         is_rank0 = distributed.rank() == 0
     if not args.quiet and is_rank0:
         cert = manifest["certification"]

@@ -7,6 +7,7 @@ import argparse
 import math
 
 from .._validate import InputError
+from ._args import artifact_output, check_input_file, command_line
 
 
 def register(subparsers) -> None:
@@ -66,7 +67,8 @@ def register(subparsers) -> None:
     )
     e.add_argument("--model", required=True, help="folder written by `amips mol train`")
     e.add_argument("--ratings", required=True, help="ratings CSV (the one the model was trained on)")
-    e.add_argument("--json", default=None, help="also write the results as JSON here")
+    e.add_argument("--json", default=None, help="also write the results as JSON here (its folder must exist)")
+    e.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
     e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     e.add_argument("--k", type=int, default=10, help="k of the top-k methods' recall and latency")
     e.add_argument("--methods", default="all",
@@ -112,9 +114,16 @@ def run_train(args) -> int:
                     batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                     n_uniform=args.negatives, n_inbatch=args.inbatch_negatives, max_positions=args.max_positions, seed=args.seed,
                     checkpoint_every=args.checkpoint_every, model=model)
-    m = fit(args.ratings, args.out, cfg, device=_device(args.device), resume=args.resume,
-            overwrite=args.overwrite, progress=not args.quiet, drop_short=args.drop_short_users,
-            max_minutes=args.max_minutes)
+    if args.resume and args.overwrite:
+        raise InputError("resume: --resume and --overwrite exclude each other")
+    cfg.check()
+    device = _device(args.device)
+    check_input_file(args.ratings, "ratings")
+    # checked, locked, and with --overwrite built beside the old run and swapped in at the end
+    with artifact_output(args.out, "out", kind="mol run", overwrite=args.overwrite,
+                         command=command_line(args)) as work:
+        m = fit(args.ratings, work, cfg, device=device, resume=args.resume, overwrite=False,
+                progress=not args.quiet, drop_short=args.drop_short_users, max_minutes=args.max_minutes)
     if m.get("stopped"):
         print(f"stopped after --max-minutes at epoch {m['epoch']}, step {m['global_step']}; "
               "rerun with --resume to continue")
@@ -141,7 +150,13 @@ def run_eval(args) -> int:
         raise InputError(f"k: must be >= 1, got {args.k}")
     if args.repeats < 1:
         raise InputError(f"repeats: must be >= 1, got {args.repeats}")
-    res = evaluate(args.model, args.ratings, device=_device(args.device), k=args.k,
+    from ..provenance import check_mol_run
+    from ._args import output_file
+
+    json_path = output_file(args.json, "json", overwrite=args.overwrite)
+    device = _device(args.device)
+    check_mol_run(args.model, args.ratings)  # finished, files as recorded, these very ratings
+    res = evaluate(args.model, args.ratings, device=device, k=args.k,
                    methods=args.methods, repeats=args.repeats)
     c = res["n_params"]
     print(f"model: {res['similarity']} head, {c['total']:,} params; {res['n_items']:,} items, "
@@ -155,7 +170,7 @@ def run_eval(args) -> int:
             print(f"  {row['method']:<16} {row['recall']:>9.4f} {row['top1_found']:>11.4f} "
                   f"{row['ms']:>10.2f} {scored:>13}")
     if args.json:
-        atomic_write_json(args.json, res)
+        atomic_write_json(json_path, res)
         print(f"wrote {args.json}")
     return 0
 

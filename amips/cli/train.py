@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
+from .._outputs import check_output_folder
 from .._validate import InputError
 from ._args import (
     add_device,
     add_overwrite,
     add_threads,
-    clear_folder,
+    artifact_output,
+    check_input_file,
+    command_line,
     device_and_threads,
-    output_folder,
+    load_partitions,
 )
-
-_RUN_FILES = ("config.json", "checkpoint.safetensors", "model.safetensors", "metrics.jsonl", "state.json",
-              "split.json", "labels")
 
 
 def register(subparsers) -> None:
@@ -85,22 +86,30 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    import math
+
     import torch
 
+    from .. import distributed
+    from ..data import load_array
     from ..noisy import default_batch_size
     from ..train import TrainConfig, train
 
+    # every argument and input is checked before --out is touched
     device_and_threads(args)
     device = args.device
     if device == "cuda_if_available":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = output_folder(args.out, "out")
     if args.overwrite and args.resume:
         raise InputError("overwrite: --overwrite starts the run again, --resume continues it; pass one")
-    if args.overwrite:
-        clear_folder(out, _RUN_FILES)
     if args.seed < 0:
         raise InputError(f"seed: must be >= 0, got {args.seed}")
+    if args.max_minutes is not None and not (args.max_minutes > 0 and math.isfinite(args.max_minutes)):
+        raise InputError(f"max-minutes: must be a positive number, got {args.max_minutes}")
+    for name in ("keys", "queries", "partitions"):
+        check_input_file(getattr(args, name), name)
+    if args.labels is not None and not Path(args.labels).is_dir():
+        raise InputError(f"labels: {args.labels} is not a folder (expected the --out of `amips labels`)")
     cfg = TrainConfig(
         model=args.model, width=args.width, depth=args.depth, param_fraction=args.param_fraction,
         homogeneous=args.homogeneous, inject_every=args.inject_every, residual=not args.no_residual,
@@ -114,17 +123,35 @@ def run(args) -> int:
         max_minutes=args.max_minutes, centroid_init=not args.no_centroid_init,
         focus=args.focus,
     )
-    from .. import distributed
+    cfg.validate()
+    if args.partitions is not None:
+        keys_np = load_array(args.keys, name="keys")
+        if keys_np.ndim != 2:
+            raise InputError(f"keys: expected a 2-D array [n, d], got shape {keys_np.shape}")
+        load_partitions(args.partitions, keys_np.shape[0])
+    out = check_output_folder(args.out, "out", kind="training run", overwrite=args.overwrite)
+    if (out / "config.json").exists() and not (args.resume or args.overwrite):
+        raise InputError(f"out: {out} already holds a run; pass --resume to continue it, --overwrite "
+                         "to replace it, or choose a new folder")
+
+    def run_in(folder):
+        return train(args.keys, args.queries, folder, cfg, labels_dir=args.labels, partitions=args.partitions,
+                     device=device, resume=args.resume, progress=not args.quiet)
 
     # under torchrun: join the process group (gloo on cpu, nccl on cuda) for this command
     with distributed.session(device) as device:
-        metrics = train(
-            args.keys, args.queries, args.out, cfg, labels_dir=args.labels, partitions=args.partitions,
-            device=device, resume=args.resume, progress=not args.quiet,
-        )
+        if distributed.world_size() > 1:
+            if args.overwrite:
+                raise InputError("overwrite: not supported under torchrun; remove the run folder or "
+                                 "choose a new --out")
+            metrics = run_in(args.out)
+        else:
+            with artifact_output(args.out, "out", kind="training run", overwrite=args.overwrite,
+                                 command=command_line(args)) as work:
+                metrics = run_in(work)
         if distributed.rank() > 0:
             return 0
-    cfg_json = json.loads((__import__("pathlib").Path(args.out) / "config.json").read_text())
+    cfg_json = json.loads((Path(args.out) / "config.json").read_text())
     print(f"model: {cfg_json['model']['kind']} width {cfg_json['model']['width']} depth "
           f"{cfg_json['model']['depth']} heads {cfg_json['model']['n_heads']}: "
           f"{cfg_json['n_params']:,} params ({cfg_json['param_fraction_of_keys']:.4f} x n_keys*d)")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 import os
 import time
@@ -31,7 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._io import atomic_save_npy, atomic_write, fault_point
+from .._io import (
+    atomic_save_npy,
+    atomic_write,
+    check_files,
+    fault_point,
+    files_record,
+    load_npy,
+    read_json,
+)
 from .._io import atomic_write_json as atomic_save_json
 from .._io import sha256_file as file_sha256
 from .._validate import (
@@ -550,6 +557,8 @@ class IVFIndex:
             "list_sizes": {"min": int(self.list_sizes.min()), "max": int(self.list_sizes.max())},
             "pq": pq_cfg,
             "meta": self.meta,
+            # size + blake2b of every file, hashed while it was written (no second read)
+            "files": files_record(root, _INDEX_DATA_FILES),
         }
         atomic_save_json(root / "index.json", cfg)
         (root / ".incomplete").unlink(missing_ok=True)
@@ -563,19 +572,16 @@ class IVFIndex:
         cfg_path = root / "index.json"
         if not root.is_dir():
             raise InputError(f"index: {root} is not a folder")
-        if not cfg_path.exists():
-            raise InputError(f"index: {root} has no index.json (not an amips index, or its build did not finish)")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(f"index: {cfg_path} is not valid JSON ({exc})") from exc
-        if cfg.get("format") != FORMAT:
-            raise InputError(f"index: {cfg_path} is not an amips IVF index (format {cfg.get('format')!r})")
-        if int(cfg.get("version", 0)) > FORMAT_VERSION:
-            raise InputError(f"index: format version {cfg['version']} is newer than this amips reads")
+        if not cfg_path.exists() or (root / ".incomplete").exists():
+            raise InputError(f"index: {root} has no complete index.json (not an amips index, or its build "
+                             "did not finish: rerun the same `amips index build` to finish it)")
+        cfg = read_index_json(root)
         for name in ("centroids.npy", "partitions.npy", "lists.safetensors"):
             if not (root / name).exists():
                 raise InputError(f"index: {root} is missing {name}")
+        if cfg.get("files") is not None:
+            # every file against the size and content digest recorded when it was written
+            check_files(root, cfg["files"], "index", names=[n for n in _INDEX_DATA_FILES if n in cfg["files"]])
         sha = file_sha256(root / "partitions.npy")
         if sha != cfg["partitions_sha256"]:
             raise InputError(f"index: {root}/partitions.npy does not match index.json (modified or corrupt)")
@@ -584,7 +590,11 @@ class IVFIndex:
 
         try:
             tensors = load_file(str(root / "lists.safetensors"))
-            centroids = torch.from_numpy(np.load(root / "centroids.npy", allow_pickle=False))
+            for name in ("keys_by_list", "list_offsets", "ids"):
+                if name not in tensors:
+                    raise InputError(f"index: {root / 'lists.safetensors'} has no tensor {name!r}")
+            centroids = torch.from_numpy(np.ascontiguousarray(load_npy(
+                root / "centroids.npy", "index", ndim=2, kind="f", shape=(cfg["n_lists"], cfg["d"]))))
             pq = None
             if cfg.get("pq"):
                 PQScanner = _pq_class()
@@ -596,10 +606,16 @@ class IVFIndex:
                 f"index: {root} has a truncated or corrupt file ({exc.__class__.__name__}: "
                 f"{str(exc)[:160]}); rebuild it with `amips index build --overwrite`"
             ) from None
-        index = cls(
-            centroids.to(dev), tensors["keys_by_list"].to(dev), tensors["list_offsets"].to(dev),
-            tensors["ids"].to(dev), metric=cfg["metric"], pq=pq, meta=cfg.get("meta"),
-        )
+        try:
+            index = cls(
+                centroids.to(dev), tensors["keys_by_list"].to(dev), tensors["list_offsets"].to(dev),
+                tensors["ids"].to(dev), metric=cfg["metric"], pq=pq, meta=cfg.get("meta"),
+            )
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            if isinstance(exc, InputError):
+                raise
+            raise InputError(f"index: {root} arrays are inconsistent ({exc.__class__.__name__}: "
+                             f"{str(exc)[:120]}); rebuild it with `amips index build --overwrite`") from None
         index._partitions_sha = sha
         index.inputs = cfg.get("inputs")
         if index.n_keys != cfg["n_keys"] or index.d != cfg["d"] or index.n_lists != cfg["n_lists"]:
@@ -664,6 +680,32 @@ def finish_scores(scores: torch.Tensor, pos: torch.Tensor, e: torch.Tensor | Non
             )
         return scores if scores.dtype == score_dtype else scores.to(score_dtype)
     return unscale_rows(scores, e, score_dtype, what="scores", names="queries")
+
+
+_INDEX_DATA_FILES = ("centroids.npy", "partitions.npy", "lists.safetensors", "pq.safetensors")
+
+
+def read_index_json(root: Path) -> dict:
+    """``index.json`` through the checked loader: one-line errors naming the field."""
+    cfg_path = Path(root) / "index.json"
+    cfg = read_json(cfg_path, "index", fields={"format": str})
+    if cfg.get("format") != FORMAT:
+        raise InputError(f"index: {cfg_path} is not an amips IVF index (format {cfg.get('format')!r})")
+    cfg = read_json(cfg_path, "index", fields={
+        "version": int, "n_keys": int, "d": int, "n_lists": int, "metric": str,
+        "partitions_sha256": str, "pq": (dict, type(None)), "files": (dict, type(None)),
+        "inputs": (dict, type(None)),
+    })
+    if not isinstance(cfg.get("meta"), (dict, type(None))):
+        raise InputError(f"index: {cfg_path} field 'meta' must be an object, got {cfg['meta']!r:.60}")
+    if cfg["version"] > FORMAT_VERSION:
+        raise InputError(f"index: {cfg_path} has format version {cfg['version']}, newer than this amips reads")
+    if cfg["metric"] not in ("ip", "l2"):
+        raise InputError(f"index: {cfg_path} field 'metric' must be 'ip' or 'l2', got {cfg['metric']!r}")
+    for name in ("n_keys", "d", "n_lists"):
+        if cfg[name] < 1:
+            raise InputError(f"index: {cfg_path} field {name!r} must be >= 1, got {cfg[name]}")
+    return cfg
 
 
 def _scanned(list_sizes: torch.Tensor, lists: torch.Tensor) -> float:

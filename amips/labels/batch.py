@@ -254,6 +254,8 @@ class Labeler:
                  shard_size: int = 1 << 20, batch_size: int | None = None, device=None,
                  score_dtype="float32"):
         self.score_dtype = check_score_dtype(score_dtype)
+        if isinstance(keys, torch.Tensor):
+            keys = keys.detach()  # labels are not differentiable: a tensor that requires grad is read as is
         self.keys = KeySource(keys, "keys")
         self._keys_device = keys.device if isinstance(keys, torch.Tensor) else None
         if topk is not None:
@@ -264,6 +266,10 @@ class Labeler:
             ids = check_int_vector(partition_ids, "partition_ids", length=self.keys.n)
             max_id = int(ids.max()) + 1
             if n_partitions is None:
+                if max_id > self.keys.n:
+                    # refused before a [nq, id] score table is sized by a wild id
+                    raise InputError(f"partition_ids: id {max_id - 1} is not below the number of keys "
+                                     f"({self.keys.n}); pass n_partitions to allow empty partitions")
                 n_partitions = max_id
             n_partitions = check_positive_int(n_partitions, "n_partitions")
             if max_id > n_partitions:
@@ -282,6 +288,8 @@ class Labeler:
 
     def __call__(self, queries) -> dict[str, torch.Tensor]:
         q = check_matrix(to_tensor(queries, "queries"), "queries")
+        if q.requires_grad:
+            q = q.detach()
         if q.shape[1] != self.keys.d:
             raise InputError(
                 f"keys: dimension mismatch, queries have d = {q.shape[1]}, keys have d = {self.keys.d}"

@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ from .._io import (
     atomic_torch_save,
     atomic_write,
     atomic_write_bytes,
+    check_files,
     file_fingerprint,
+    files_record,
 )
 from .._io import fault_point as _fault_point
 from .._validate import (
@@ -107,15 +110,19 @@ def run_label_job(
         if raw.ndim != 1:
             raise InputError(f"partitions: expected a 1-D array of ids, got shape {raw.shape}")
         part_ids = check_int_vector(np.asarray(raw), "partitions", length=keys_arr.shape[0])
+        if int(part_ids.max()) >= keys_arr.shape[0]:
+            # checked before anything is sized by it (a wild id would allocate [nq, id] scores)
+            raise InputError(f"partitions: list id {int(part_ids.max())} is not below the number of keys "
+                             f"({keys_arr.shape[0]}); ids must be in [0, n_keys)")
         n_partitions = int(part_ids.max()) + 1
     if batch_size is None:
         batch_size = _default_batch_size(dev, n_partitions)
     batch_size = check_positive_int(batch_size, "batch_size")
 
     job = {
-        "keys": file_fingerprint(keys_path),
-        "queries": file_fingerprint(queries_path),
-        "partitions": file_fingerprint(partitions_path) if partitions_path else None,
+        "keys": _input_fingerprint(keys_path),
+        "queries": _input_fingerprint(queries_path),
+        "partitions": _input_fingerprint(partitions_path) if partitions_path else None,
         "topk": topk,
         "batch_size": batch_size,
         "shard_size": shard_size,
@@ -134,15 +141,25 @@ def run_label_job(
         if manifest_path.exists() and not partial.exists():
             done = _read_manifest(manifest_path)
             if done.get("job") == job and done.get("complete") and not overwrite:
+                broken = _broken_output(out, done)
+                if broken is None:
+                    if progress:
+                        print(f"labels in {out} are complete and match this job; nothing to do")
+                    return done
+                # an output of the finished job was deleted or changed: the job is redone
                 if progress:
-                    print(f"labels in {out} are complete and match this job; nothing to do")
-                return done
-            if not overwrite:
+                    print(f"labels in {out}: {broken}; computing them again")
+                overwrite_here = True
+            else:
+                overwrite_here = overwrite
+            if not overwrite_here:
                 what = ("labels of a different job" if done.get("complete")
                         else "labels with no complete manifest (an older amips, or a corrupt labels.json)")
                 raise InputError(f"out: {out} already holds {what}; pass --overwrite or use another folder")
+        else:
+            overwrite_here = overwrite
         out.mkdir(parents=True, exist_ok=True)
-        if overwrite:
+        if overwrite_here:
             # the old labels stop being complete-looking before anything new is written
             for stale in [MANIFEST, *OUTPUT_FILES.values()]:
                 (out / stale).unlink(missing_ok=True)
@@ -161,7 +178,7 @@ def run_label_job(
     work.mkdir(parents=True, exist_ok=True)
     job_file = work / "job.json"
     if job_file.exists():
-        previous = json.loads(job_file.read_text())
+        previous = _read_manifest(job_file)  # a torn or hand-edited job.json is another job
         if previous != job:
             if not overwrite:
                 raise InputError(
@@ -187,11 +204,16 @@ def run_label_job(
     for b in range(n_batches):
         part_file = work / f"batch_{b:06d}.npz"
         if part_file.exists():
-            with np.load(part_file) as f:
+            try:
+                with np.load(part_file) as f:
+                    counts = {key: int(f[f"stat_{key}"]) for key in stats_total}
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                part_file.unlink()  # damaged committed batch (written atomically: tampered): redone
+            else:
                 for key in stats_total:
-                    stats_total[key] += int(f[f"stat_{key}"])
-            bar.update(labeler.n_shards)
-            continue
+                    stats_total[key] += counts[key]
+                bar.update(labeler.n_shards)
+                continue
         a, z = b * batch_size, min((b + 1) * batch_size, nq)
         block = np.array(queries_arr[a:z], dtype=np.float64, order="C")
         if not np.isfinite(block).all():
@@ -200,9 +222,13 @@ def run_label_job(
         state_file = work / f"batch_{b:06d}.state.pt"
         state, first = None, 0
         if state_file.exists():
-            saved = torch.load(state_file, map_location=dev, weights_only=True)
-            first = int(saved["next_shard"])
-            state = {name: Candidates(**saved[name]) for name in ("top", "part") if name in saved}
+            try:
+                saved = torch.load(state_file, map_location=dev, weights_only=True)
+                first = int(saved["next_shard"])
+                state = {name: Candidates(**saved[name]) for name in ("top", "part") if name in saved}
+            except Exception:  # noqa: BLE001 - a damaged shard state: the batch starts again
+                state, first = None, 0
+                state_file.unlink()
             bar.update(first)
         for j in range(first, labeler.n_shards):
             state = labeler.screen(q, j, state, q64=q64)
@@ -267,6 +293,8 @@ def run_label_job(
         },
         "job": job,
         "outputs": {name: OUTPUT_FILES[name] for name in names},
+        # size + blake2b of every output, hashed while it was written
+        "files": files_record(out, [OUTPUT_FILES[name] for name in names]),
         "n_queries": int(nq),
         "n_keys": int(keys_arr.shape[0]),
         "d": int(keys_arr.shape[1]),
@@ -293,6 +321,31 @@ def _gather_merged(work: Path, n_batches: int, topk: int | None, partitions: boo
         if parts is not None:
             merged.append(_dist.merge_label_parts(parts, topk, partitions))
     return merged
+
+
+def _input_fingerprint(path) -> dict:
+    """file_fingerprint of an input, ``file.hdf5:dataset`` naming the file and the dataset."""
+    from ..data import _split_hdf5
+
+    file, dataset = _split_hdf5(path)
+    fp = file_fingerprint(file)
+    if dataset is not None:
+        fp["dataset"] = dataset
+    return fp
+
+
+def _broken_output(out: Path, manifest: dict) -> str | None:
+    """What is wrong with the outputs of a complete labels folder (None: all as recorded)."""
+    try:
+        if manifest.get("files") is not None:
+            check_files(out, manifest["files"], "labels")
+        else:  # an older manifest: outputs must at least exist
+            for name in (manifest.get("outputs") or {}).values():
+                if not (out / str(name)).is_file():
+                    raise InputError(f"labels: {out / str(name)} is missing")
+    except InputError as exc:
+        return str(exc).partition(": ")[2] or str(exc)
+    return None
 
 
 def _read_manifest(path: Path) -> dict:

@@ -35,7 +35,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._io import atomic_write, atomic_write_json, file_fingerprint
+from .._io import (
+    atomic_write,
+    atomic_write_json,
+    content_fingerprint,
+    file_fingerprint,
+    files_record,
+)
 from .._validate import InputError
 from .data import Interactions, load_interactions
 from .recommender import (
@@ -52,6 +58,9 @@ from .recommender import (
     ranking_metrics,
     target_ranks,
 )
+
+#: the files of a finished run that ``metrics.json`` records (size + blake2b) and readers check
+RUN_FILES = (CONFIG, WEIGHTS, INTERACTIONS)
 
 
 @dataclass
@@ -232,7 +241,7 @@ def fit(ratings, out, cfg: FitConfig | None = None, *, device: str = "cpu", resu
     run_cfg = {"similarity": cfg.similarity, "fit": {k: v for k, v in asdict(cfg).items() if k != "model"},
                "model": cfg.model, "n_items": inter.n_items, "n_users": inter.n_users,
                "n_interactions": inter.n_interactions, "drop_short": drop_short,
-               "ratings": fingerprint}
+               "ratings": fingerprint, "ratings_content": content_fingerprint(ratings)}
     if resume:
         old = json.loads((out / CONFIG).read_text())
         # epochs and patience may change on resume (extend or cut a run): neither enters the
@@ -264,9 +273,18 @@ def fit(ratings, out, cfg: FitConfig | None = None, *, device: str = "cpu", resu
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_hr10": -1.0, "best_epoch": -1,
              "bad_epochs": 0, "done": False, "history": [], "train_seconds": 0.0}
     if resume and (out / CHECKPOINT).exists():
-        state = _load_state(out / CHECKPOINT, model, opt)
+        try:
+            state = _load_state(out / CHECKPOINT, model, opt)
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - safetensors/torch raise several kinds for a torn file
+            raise InputError(f"resume: {out / CHECKPOINT} is truncated or corrupt ({exc.__class__.__name__}: "
+                             f"{str(exc)[:120]}); start again with --overwrite") from None
         # a finished run continues when resumed with more --epochs or a larger --patience
         state["done"] = state["bad_epochs"] >= cfg.patience or state["epoch"] >= cfg.epochs
+        if not state["done"]:
+            # the run is unfinished again until it ends: its metrics.json says it is finished
+            (out / METRICS).unlink(missing_ok=True)
     if not resume or not (out / INTERACTIONS).exists():
         out.mkdir(parents=True, exist_ok=True)
         data = save({k: v.contiguous() for k, v in interactions_tensors(inter).items()})
@@ -348,6 +366,7 @@ def fit(ratings, out, cfg: FitConfig | None = None, *, device: str = "cpu", resu
     val = ranking_metrics(target_ranks(best.model, inter, "validation", device=dev))
     metrics = {"similarity": cfg.similarity, "seed": cfg.seed, "best_epoch": state["best_epoch"],
                "epochs_run": state["epoch"], "train_seconds": state["train_seconds"],
-               "n_params": counts, "validation": val, "test": test, "history": state["history"]}
+               "n_params": counts, "validation": val, "test": test, "history": state["history"],
+               "finished": True, "files": files_record(out, RUN_FILES)}
     atomic_write_json(out / METRICS, metrics)
     return metrics
