@@ -137,3 +137,19 @@ def test_cli_bad_input_exits_2_and_names_the_argument(ratings, trained_model, tm
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("amips mol: error: ") and needle in err[0], err
+
+
+def test_eval_baselines_prints_them_beside_the_model(ratings, trained_model, tmp_path, capsys):
+    js = tmp_path / "b.json"
+    assert main(["mol", "eval", "--model", str(trained_model), "--ratings", str(ratings), "--baselines",
+                 "--methods", "none", "--json", str(js)]) == 0
+    text = capsys.readouterr().out
+    for name in ("model (mol)", "popular", "item_knn", "ease", "95% bootstrap"):
+        assert name in text
+    res = json.loads(js.read_text())
+    assert [b["name"] for b in res["baselines"]] == ["popular", "item_knn", "ease"]
+    for b in res["baselines"]:
+        mean, lo, hi = b["test_ci"]["hr@10"]
+        assert lo <= mean <= hi and mean == b["test"]["hr@10"]
+        d = b["model_minus_baseline"]["hr@10"]
+        assert d[0] == pytest.approx(res["test"]["hr@10"] - b["test"]["hr@10"])

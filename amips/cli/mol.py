@@ -36,6 +36,9 @@ def register(subparsers) -> None:
     t.add_argument("--batch-size", type=int, default=64, help="sequences per step")
     t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     t.add_argument("--weight-decay", type=float, default=1e-3, help="AdamW weight decay")
+    t.add_argument("--loss", choices=["auto", "full", "sampled"], default="auto",
+                   help="full: softmax over the whole catalogue; sampled: uniform + in-batch "
+                        "negatives with logQ correction; auto: full when it fits")
     t.add_argument("--negatives", type=int, default=128, help="uniformly sampled negatives per step")
     t.add_argument("--inbatch-negatives", type=int, default=32, help="in-batch negatives per step")
     t.add_argument("--max-positions", type=int, default=1024,
@@ -45,6 +48,7 @@ def register(subparsers) -> None:
     size.add_argument("--layers", type=int, default=2, help="causal self-attention layers")
     size.add_argument("--heads", type=int, default=2, help="attention heads")
     size.add_argument("--max-len", type=int, default=50, help="items of history the encoder reads")
+    size.add_argument("--dropout", type=float, default=0.2, help="encoder dropout")
     size.add_argument("--p-q", type=int, default=4, help="MoL query components")
     size.add_argument("--p-x", type=int, default=4, help="MoL item components")
     size.add_argument("--d-p", type=int, default=32, help="MoL component dimension")
@@ -72,6 +76,9 @@ def register(subparsers) -> None:
     e.add_argument("--methods", default="all",
                    help="comma-separated top-k methods to compare with exact ('all', 'none')")
     e.add_argument("--repeats", type=int, default=3, help="latency: best of this many runs")
+    e.add_argument("--baselines", action="store_true",
+                   help="also evaluate most-popular, item-kNN and EASE (tuned on validation) "
+                        "on the same split, with paired intervals against the model")
     e.set_defaults(mol_func=run_eval)
     p.set_defaults(func=lambda args: _dispatch(p, args))
 
@@ -106,10 +113,13 @@ def run_train(args) -> int:
             raise InputError(f"{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     if args.max_minutes is not None and not (args.max_minutes > 0 and math.isfinite(args.max_minutes)):
         raise InputError(f"max-minutes: must be a positive number, got {args.max_minutes}")
+    if not (0 <= args.dropout < 1):
+        raise InputError(f"dropout: must be in [0, 1), got {args.dropout}")
     model = dict(DEFAULT_MODEL, d=args.d, n_layers=args.layers, n_heads=args.heads, max_len=args.max_len,
+                 dropout=args.dropout,
                  p_q=args.p_q, p_x=args.p_x, d_p=args.d_p, gate_hidden=args.gate_hidden, tau=args.tau)
     cfg = FitConfig(similarity=args.similarity, epochs=args.epochs, patience=args.patience,
-                    batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                    batch_size=args.batch_size, lr=args.lr, loss=args.loss, weight_decay=args.weight_decay,
                     n_uniform=args.negatives, n_inbatch=args.inbatch_negatives, max_positions=args.max_positions, seed=args.seed,
                     checkpoint_every=args.checkpoint_every, model=model)
     m = fit(args.ratings, args.out, cfg, device=_device(args.device), resume=args.resume,
@@ -133,6 +143,30 @@ def _print_metrics(name: str, m: dict) -> None:
     print(f"{name} ({m['n_users']} users): " + "  ".join(f"{k.upper()} {m[k]:.4f}" for k in keys))
 
 
+def _ci(v) -> str:
+    return f"{v[0]:.4f} [{v[1]:.4f}, {v[2]:.4f}]"
+
+
+def _print_table(res: dict) -> None:
+    """The model and the baselines on the same test targets, 95% bootstrap intervals over
+    users; for baselines, the paired difference model - baseline."""
+    rows = [(f"model ({res['similarity']})", res["test_ci"], None, "")]
+    for b in res.get("baselines", []):
+        params = ", ".join(f"{k}={v:g}" for k, v in b["params"].items())
+        rows.append((b["name"], b["test_ci"], b.get("model_minus_baseline"), params))
+    print("test, 95% bootstrap intervals over users (model - baseline: paired):")
+    print(f"  {'':<12} {'HR@10':<24} {'NDCG@10':<24} {'HR@50':<24} "
+          f"{'model - it, HR@10':<26} {'model - it, NDCG@10':<26} tuned on validation")
+    for name, ci, diff, params in rows:
+        d = ("", "") if diff is None else (_ci_signed(diff["hr@10"]), _ci_signed(diff["ndcg@10"]))
+        print(f"  {name:<12} {_ci(ci['hr@10']):<24} {_ci(ci['ndcg@10']):<24} {_ci(ci['hr@50']):<24} "
+              f"{d[0]:<26} {d[1]:<26} {params}")
+
+
+def _ci_signed(v) -> str:
+    return f"{v[0]:+.4f} [{v[1]:+.4f}, {v[2]:+.4f}]"
+
+
 def run_eval(args) -> int:
     from .._io import atomic_write_json
     from ..mol.evaluate import evaluate
@@ -142,11 +176,12 @@ def run_eval(args) -> int:
     if args.repeats < 1:
         raise InputError(f"repeats: must be >= 1, got {args.repeats}")
     res = evaluate(args.model, args.ratings, device=_device(args.device), k=args.k,
-                   methods=args.methods, repeats=args.repeats)
+                   methods=args.methods, repeats=args.repeats, baselines=args.baselines)
     c = res["n_params"]
     print(f"model: {res['similarity']} head, {c['total']:,} params; {res['n_items']:,} items, "
           f"{res['test']['n_users']} users")
     _print_metrics("test", res["test"])
+    _print_table(res)
     if res["methods"]:
         print(f"top-{res['k']} methods vs exact ({res['n_queries']} queries, seen items excluded):")
         print(f"  {'method':<16} {'recall@k':>9} {'top1 found':>11} {'ms/batch':>10} {'items scored':>13}")

@@ -53,6 +53,16 @@ from .recommender import (
     target_ranks,
 )
 
+LOSSES = ("auto", "full", "sampled")
+# "auto" takes the full softmax when one step's (position, item, pair) grid is at most this
+FULL_SOFTMAX_BUDGET = 1 << 27
+
+
+def use_full_softmax(cfg, n_items: int, n_positions: int, n_pairs: int) -> bool:
+    if cfg.loss != "auto":
+        return cfg.loss == "full"
+    return n_items * n_positions * n_pairs <= FULL_SOFTMAX_BUDGET
+
 
 @dataclass
 class FitConfig:
@@ -63,6 +73,7 @@ class FitConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-3
     warmup: int = 100
+    loss: str = "auto"
     n_uniform: int = 128
     n_inbatch: int = 32
     max_positions: int = 1024
@@ -73,6 +84,8 @@ class FitConfig:
     model: dict = field(default_factory=lambda: dict(DEFAULT_MODEL))
 
     def check(self) -> None:
+        if self.loss not in LOSSES:
+            raise InputError(f"loss: expected one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.similarity not in ("mol", "dot"):
             raise InputError(f"similarity: expected 'mol' or 'dot', got {self.similarity!r}")
         for name in ("epochs", "batch_size", "patience", "checkpoint_every"):
@@ -157,6 +170,18 @@ def sampled_softmax_loss(model: SeqRecModel, hidden: torch.Tensor, targets: torc
     logits = torch.cat([pos[:, None], grid], 1).float()
     loss = F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.int64, device=dev))
     if lb:
+        loss = loss + cfg.load_balancing * model.head.load_balancing_loss(gates)
+    return loss
+
+
+def full_softmax_loss(model: SeqRecModel, hidden: torch.Tensor, targets: torch.Tensor,
+                      cfg: FitConfig) -> torch.Tensor:
+    """Cross-entropy of the next item against the whole catalogue: hidden [P, d], targets [P]."""
+    items = model.encoder.item_repr()
+    logits = grid_scores(model.head, hidden, items).float()  # [P, N]
+    loss = F.cross_entropy(logits, targets)
+    if cfg.similarity == "mol" and cfg.load_balancing > 0:
+        _, gates = model.head(hidden, items[targets], grid=False, return_gates=True)
         loss = loss + cfg.load_balancing * model.head.load_balancing_loss(gates)
     return loss
 
@@ -302,7 +327,10 @@ def fit(ratings, out, cfg: FitConfig | None = None, *, device: str = "cpu", resu
             if cfg.max_positions and tgt.numel() > cfg.max_positions:
                 pick = torch.randperm(tgt.numel(), generator=gen)[:cfg.max_positions].to(dev)
                 hid, tgt = hid[pick], tgt[pick]
-            loss = sampled_softmax_loss(model, hid, tgt, log_freq, cfg, gen)
+            if use_full_softmax(cfg, inter.n_items, tgt.numel(), model.head.n_pairs):
+                loss = full_softmax_loss(model, hid, tgt, cfg)
+            else:
+                loss = sampled_softmax_loss(model, hid, tgt, log_freq, cfg, gen)
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
             opt.zero_grad(set_to_none=True)
