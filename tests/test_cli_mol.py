@@ -153,3 +153,15 @@ def test_eval_baselines_prints_them_beside_the_model(ratings, trained_model, tmp
         assert lo <= mean <= hi and mean == b["test"]["hr@10"]
         d = b["model_minus_baseline"]["hr@10"]
         assert d[0] == pytest.approx(res["test"]["hr@10"] - b["test"]["hr@10"])
+
+
+def test_cli_defaults_are_the_library_defaults():
+    from amips.cli.mol import MODEL_DEFAULTS, TRAIN_DEFAULTS
+    from amips.mol.recommender import DEFAULT_MODEL
+    from amips.mol.training import FitConfig
+
+    cfg = FitConfig()
+    assert {k: getattr(cfg, k) for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS
+    assert {k: DEFAULT_MODEL[k] for k in MODEL_DEFAULTS} == MODEL_DEFAULTS
+    assert FitConfig(similarity="dot").resolved().max_positions == 0
+    assert FitConfig(similarity="mol").resolved().n_uniform == 256

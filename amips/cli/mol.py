@@ -8,6 +8,12 @@ import math
 
 from .._validate import InputError
 
+# Defaults of amips.mol.training.FitConfig and recommender.DEFAULT_MODEL, spelled out so that
+# `amips --help` does not import torch (tests/test_cli_mol.py checks they agree).
+TRAIN_DEFAULTS = {"epochs": 40, "patience": 8, "batch_size": 64, "lr": 3e-3, "weight_decay": 1e-3,
+                  "warmup": 20}
+MODEL_DEFAULTS = {"max_len": 50, "dropout": 0.3}
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -30,25 +36,29 @@ def register(subparsers) -> None:
     t.add_argument("--similarity", choices=["mol", "dot"], default="mol",
                    help="mol: Mixture-of-Logits head; dot: dot-product head of the same size")
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or cuda_if_available")
-    t.add_argument("--epochs", type=int, default=40, help="maximum epochs (early stopping may end sooner)")
-    t.add_argument("--patience", type=int, default=5, help="epochs without a better validation HR@10")
+    t.add_argument("--epochs", type=int, default=TRAIN_DEFAULTS["epochs"], help="maximum epochs (early stopping may end sooner)")
+    t.add_argument("--patience", type=int, default=TRAIN_DEFAULTS["patience"], help="epochs without a better validation HR@10")
     t.add_argument("--seed", type=int, default=0, help="seed of initialisation, sampling and negatives")
-    t.add_argument("--batch-size", type=int, default=64, help="sequences per step")
-    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    t.add_argument("--weight-decay", type=float, default=1e-3, help="AdamW weight decay")
+    t.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["batch_size"], help="sequences per step")
+    t.add_argument("--lr", type=float, default=TRAIN_DEFAULTS["lr"], help="AdamW learning rate")
+    t.add_argument("--weight-decay", type=float, default=TRAIN_DEFAULTS["weight_decay"], help="AdamW weight decay")
     t.add_argument("--loss", choices=["auto", "full", "sampled"], default="auto",
                    help="full: softmax over the whole catalogue; sampled: uniform + in-batch "
                         "negatives with logQ correction; auto: full when it fits")
-    t.add_argument("--negatives", type=int, default=128, help="uniformly sampled negatives per step")
-    t.add_argument("--inbatch-negatives", type=int, default=32, help="in-batch negatives per step")
-    t.add_argument("--max-positions", type=int, default=1024,
-                   help="positions per step the loss is taken on (0: all; raise it on a GPU)")
+    t.add_argument("--warmup", type=int, default=TRAIN_DEFAULTS["warmup"], help="linear warm-up steps")
+    t.add_argument("--negatives", type=int, default=None,
+                   help="uniformly sampled negatives per step (default: dot 512, mol 256)")
+    t.add_argument("--inbatch-negatives", type=int, default=None,
+                   help="in-batch negatives per step (default: dot 512, mol 256)")
+    t.add_argument("--max-positions", type=int, default=None,
+                   help="positions per step the loss is taken on (0: all; default: dot 0, mol "
+                        "1024; raise it on a GPU)")
     size = t.add_argument_group("model size")
     size.add_argument("--d", type=int, default=64, help="encoder width (query and item representation)")
     size.add_argument("--layers", type=int, default=2, help="causal self-attention layers")
     size.add_argument("--heads", type=int, default=2, help="attention heads")
-    size.add_argument("--max-len", type=int, default=50, help="items of history the encoder reads")
-    size.add_argument("--dropout", type=float, default=0.2, help="encoder dropout")
+    size.add_argument("--max-len", type=int, default=MODEL_DEFAULTS["max_len"], help="items of history the encoder reads")
+    size.add_argument("--dropout", type=float, default=MODEL_DEFAULTS["dropout"], help="encoder dropout")
     size.add_argument("--p-q", type=int, default=4, help="MoL query components")
     size.add_argument("--p-x", type=int, default=4, help="MoL item components")
     size.add_argument("--d-p", type=int, default=32, help="MoL component dimension")
@@ -119,8 +129,9 @@ def run_train(args) -> int:
                  dropout=args.dropout,
                  p_q=args.p_q, p_x=args.p_x, d_p=args.d_p, gate_hidden=args.gate_hidden, tau=args.tau)
     cfg = FitConfig(similarity=args.similarity, epochs=args.epochs, patience=args.patience,
-                    batch_size=args.batch_size, lr=args.lr, loss=args.loss, weight_decay=args.weight_decay,
-                    n_uniform=args.negatives, n_inbatch=args.inbatch_negatives, max_positions=args.max_positions, seed=args.seed,
+                    batch_size=args.batch_size, lr=args.lr, loss=args.loss, warmup=args.warmup,
+                    weight_decay=args.weight_decay, n_uniform=args.negatives,
+                    n_inbatch=args.inbatch_negatives, max_positions=args.max_positions, seed=args.seed,
                     checkpoint_every=args.checkpoint_every, model=model)
     m = fit(args.ratings, args.out, cfg, device=_device(args.device), resume=args.resume,
             overwrite=args.overwrite, progress=not args.quiet, drop_short=args.drop_short_users,

@@ -32,7 +32,7 @@ from .data import Interactions
 
 BASELINES = ("popular", "item_knn", "ease")
 KNN_GRID = {"window": (3, 10, 0), "n_recent": (1, 5, 20, 200), "decay": (1.0, 0.7)}
-EASE_GRID = {"lam": (3.0, 10.0, 30.0, 100.0, 300.0)}
+EASE_GRID = {"lam": (10.0, 30.0, 100.0, 300.0, 1000.0)}
 
 
 def _train_sequences(inter: Interactions) -> list[np.ndarray]:

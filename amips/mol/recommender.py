@@ -42,7 +42,7 @@ CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.json"
 
 DEFAULT_MODEL = {
-    "d": 64, "n_layers": 2, "n_heads": 2, "max_len": 50, "dropout": 0.2,
+    "d": 64, "n_layers": 2, "n_heads": 2, "max_len": 50, "dropout": 0.3,
     "p_q": 4, "p_x": 4, "d_p": 32, "tau": 0.05, "gating": "full", "gate_hidden": 32,
     "gate_dropout": 0.2,
 }
