@@ -103,6 +103,8 @@ def _bad(tmp_path, name, text):
     ("short_user", "too little history"),
     ("no_file", "ratings: no such file"),
     ("bad_epochs", "epochs: must be >= 1"),
+    ("bad_dropout", "dropout: must be in [0, 1)"),
+    ("bad_negatives", "n-uniform: must be an integer >= 0"),
     ("bad_device", "device: cannot use"),
     ("exists", "out: "),
     ("resume_nothing", "resume: "),
@@ -123,6 +125,8 @@ def test_cli_bad_input_exits_2_and_names_the_argument(ratings, trained_model, tm
         "short_user": train + ["--ratings", _bad(tmp_path, "d.csv", "userId,movieId,rating,timestamp\n1,2,3,4\n")],
         "no_file": train + ["--ratings", str(tmp_path / "none.csv")],
         "bad_epochs": ["mol", "train", "--ratings", str(ratings), "--out", str(tmp_path / "o"), "--epochs", "0"],
+        "bad_dropout": train + ["--ratings", str(ratings), "--dropout", "1.5"],
+        "bad_negatives": train + ["--ratings", str(ratings), "--negatives", "-3"],
         "bad_device": train + ["--ratings", str(ratings), "--device", "nonsense"],
         "exists": ["mol", "train", "--ratings", str(ratings), "--out", str(trained), "--quiet"],
         "resume_nothing": train + ["--ratings", str(ratings), "--resume"],
@@ -137,3 +141,31 @@ def test_cli_bad_input_exits_2_and_names_the_argument(ratings, trained_model, tm
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("amips mol: error: ") and needle in err[0], err
+
+
+def test_eval_baselines_prints_them_beside_the_model(ratings, trained_model, tmp_path, capsys):
+    js = tmp_path / "b.json"
+    assert main(["mol", "eval", "--model", str(trained_model), "--ratings", str(ratings), "--baselines",
+                 "--methods", "none", "--json", str(js)]) == 0
+    text = capsys.readouterr().out
+    for name in ("model (mol)", "popular", "item_knn", "ease", "95% bootstrap"):
+        assert name in text
+    res = json.loads(js.read_text())
+    assert [b["name"] for b in res["baselines"]] == ["popular", "item_knn", "ease"]
+    for b in res["baselines"]:
+        mean, lo, hi = b["test_ci"]["hr@10"]
+        assert lo <= mean <= hi and mean == b["test"]["hr@10"]
+        d = b["model_minus_baseline"]["hr@10"]
+        assert d[0] == pytest.approx(res["test"]["hr@10"] - b["test"]["hr@10"])
+
+
+def test_cli_defaults_are_the_library_defaults():
+    from amips.cli.mol import MODEL_DEFAULTS, TRAIN_DEFAULTS
+    from amips.mol.recommender import DEFAULT_MODEL
+    from amips.mol.training import FitConfig
+
+    cfg = FitConfig()
+    assert {k: getattr(cfg, k) for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS
+    assert {k: DEFAULT_MODEL[k] for k in MODEL_DEFAULTS} == MODEL_DEFAULTS
+    assert FitConfig(similarity="dot").resolved().max_positions == 0
+    assert FitConfig(similarity="mol").resolved().n_uniform == 256

@@ -191,3 +191,28 @@ def test_api_bad_input_names_the_argument(trained, tmp_path):
         fit(root / "r.csv", root / "model", _tiny_cfg(), progress=False)
     with pytest.raises(amips.InputError, match="similarity"):
         fit(root / "r.csv", tmp_path / "x", _tiny_cfg("cosine"), progress=False)
+
+
+def _deterministic_walk(path, n_users=60, n_items=40, length=20, seed=0):
+    """Sequences whose next item is a fixed function of the previous one (a permutation)."""
+    rng = np.random.default_rng(seed)
+    succ = rng.permutation(n_items)
+    lines = ["userId,movieId,rating,timestamp"]
+    for u in range(n_users):
+        item = int(rng.integers(n_items))
+        for t in range(length):
+            lines.append(f"{u},{item},1,{t}")
+            item = int(succ[item])
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("similarity, loss", [("dot", "full"), ("mol", "full"), ("mol", "sampled")])
+def test_a_model_learns_a_deterministic_next_item(tmp_path, similarity, loss):
+    # next item = succ(previous item): a model that learns anything ranks it first
+    _deterministic_walk(tmp_path / "r.csv")
+    torch.set_num_threads(1)
+    cfg = FitConfig(similarity=similarity, loss=loss, epochs=12, patience=12, batch_size=16,
+                    warmup=5, lr=3e-3, n_uniform=32, n_inbatch=16, model=dict(TINY))
+    m = fit(tmp_path / "r.csv", tmp_path / "m", cfg, progress=False)
+    assert m["test"]["hr@10"] >= 0.95, m["history"]
+    assert m["test"]["hr@1"] >= 0.6, m["history"]

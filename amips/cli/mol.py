@@ -9,6 +9,12 @@ import math
 from .._validate import InputError
 from ._args import artifact_output, check_input_file, command_line
 
+# Defaults of amips.mol.training.FitConfig and recommender.DEFAULT_MODEL, spelled out so that
+# `amips --help` does not import torch (tests/test_cli_mol.py checks they agree).
+TRAIN_DEFAULTS = {"epochs": 40, "patience": 8, "batch_size": 64, "lr": 3e-3, "weight_decay": 1e-3,
+                  "warmup": 20}
+MODEL_DEFAULTS = {"max_len": 50, "dropout": 0.3}
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -31,21 +37,29 @@ def register(subparsers) -> None:
     t.add_argument("--similarity", choices=["mol", "dot"], default="mol",
                    help="mol: Mixture-of-Logits head; dot: dot-product head of the same size")
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or cuda_if_available")
-    t.add_argument("--epochs", type=int, default=40, help="maximum epochs (early stopping may end sooner)")
-    t.add_argument("--patience", type=int, default=5, help="epochs without a better validation HR@10")
+    t.add_argument("--epochs", type=int, default=TRAIN_DEFAULTS["epochs"], help="maximum epochs (early stopping may end sooner)")
+    t.add_argument("--patience", type=int, default=TRAIN_DEFAULTS["patience"], help="epochs without a better validation HR@10")
     t.add_argument("--seed", type=int, default=0, help="seed of initialisation, sampling and negatives")
-    t.add_argument("--batch-size", type=int, default=64, help="sequences per step")
-    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    t.add_argument("--weight-decay", type=float, default=1e-3, help="AdamW weight decay")
-    t.add_argument("--negatives", type=int, default=128, help="uniformly sampled negatives per step")
-    t.add_argument("--inbatch-negatives", type=int, default=32, help="in-batch negatives per step")
-    t.add_argument("--max-positions", type=int, default=1024,
-                   help="positions per step the loss is taken on (0: all; raise it on a GPU)")
+    t.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["batch_size"], help="sequences per step")
+    t.add_argument("--lr", type=float, default=TRAIN_DEFAULTS["lr"], help="AdamW learning rate")
+    t.add_argument("--weight-decay", type=float, default=TRAIN_DEFAULTS["weight_decay"], help="AdamW weight decay")
+    t.add_argument("--loss", choices=["auto", "full", "sampled"], default="auto",
+                   help="full: softmax over the whole catalogue; sampled: uniform + in-batch "
+                        "negatives with logQ correction; auto: full when it fits")
+    t.add_argument("--warmup", type=int, default=TRAIN_DEFAULTS["warmup"], help="linear warm-up steps")
+    t.add_argument("--negatives", type=int, default=None,
+                   help="uniformly sampled negatives per step (default: dot 512, mol 256)")
+    t.add_argument("--inbatch-negatives", type=int, default=None,
+                   help="in-batch negatives per step (default: dot 512, mol 256)")
+    t.add_argument("--max-positions", type=int, default=None,
+                   help="positions per step the loss is taken on (0: all; default: dot 0, mol "
+                        "1024; raise it on a GPU)")
     size = t.add_argument_group("model size")
     size.add_argument("--d", type=int, default=64, help="encoder width (query and item representation)")
     size.add_argument("--layers", type=int, default=2, help="causal self-attention layers")
     size.add_argument("--heads", type=int, default=2, help="attention heads")
-    size.add_argument("--max-len", type=int, default=50, help="items of history the encoder reads")
+    size.add_argument("--max-len", type=int, default=MODEL_DEFAULTS["max_len"], help="items of history the encoder reads")
+    size.add_argument("--dropout", type=float, default=MODEL_DEFAULTS["dropout"], help="encoder dropout")
     size.add_argument("--p-q", type=int, default=4, help="MoL query components")
     size.add_argument("--p-x", type=int, default=4, help="MoL item components")
     size.add_argument("--d-p", type=int, default=32, help="MoL component dimension")
@@ -74,6 +88,9 @@ def register(subparsers) -> None:
     e.add_argument("--methods", default="all",
                    help="comma-separated top-k methods to compare with exact ('all', 'none')")
     e.add_argument("--repeats", type=int, default=3, help="latency: best of this many runs")
+    e.add_argument("--baselines", action="store_true",
+                   help="also evaluate most-popular, item-kNN and EASE (tuned on validation) "
+                        "on the same split, with paired intervals against the model")
     e.set_defaults(mol_func=run_eval)
     p.set_defaults(func=lambda args: _dispatch(p, args))
 
@@ -108,11 +125,15 @@ def run_train(args) -> int:
             raise InputError(f"{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     if args.max_minutes is not None and not (args.max_minutes > 0 and math.isfinite(args.max_minutes)):
         raise InputError(f"max-minutes: must be a positive number, got {args.max_minutes}")
+    if not (0 <= args.dropout < 1):
+        raise InputError(f"dropout: must be in [0, 1), got {args.dropout}")
     model = dict(DEFAULT_MODEL, d=args.d, n_layers=args.layers, n_heads=args.heads, max_len=args.max_len,
+                 dropout=args.dropout,
                  p_q=args.p_q, p_x=args.p_x, d_p=args.d_p, gate_hidden=args.gate_hidden, tau=args.tau)
     cfg = FitConfig(similarity=args.similarity, epochs=args.epochs, patience=args.patience,
-                    batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                    n_uniform=args.negatives, n_inbatch=args.inbatch_negatives, max_positions=args.max_positions, seed=args.seed,
+                    batch_size=args.batch_size, lr=args.lr, loss=args.loss, warmup=args.warmup,
+                    weight_decay=args.weight_decay, n_uniform=args.negatives,
+                    n_inbatch=args.inbatch_negatives, max_positions=args.max_positions, seed=args.seed,
                     checkpoint_every=args.checkpoint_every, model=model)
     if args.resume and args.overwrite:
         raise InputError("resume: --resume and --overwrite exclude each other")
@@ -142,6 +163,30 @@ def _print_metrics(name: str, m: dict) -> None:
     print(f"{name} ({m['n_users']} users): " + "  ".join(f"{k.upper()} {m[k]:.4f}" for k in keys))
 
 
+def _ci(v) -> str:
+    return f"{v[0]:.4f} [{v[1]:.4f}, {v[2]:.4f}]"
+
+
+def _print_table(res: dict) -> None:
+    """The model and the baselines on the same test targets, 95% bootstrap intervals over
+    users; for baselines, the paired difference model - baseline."""
+    rows = [(f"model ({res['similarity']})", res["test_ci"], None, "")]
+    for b in res.get("baselines", []):
+        params = ", ".join(f"{k}={v:g}" for k, v in b["params"].items())
+        rows.append((b["name"], b["test_ci"], b.get("model_minus_baseline"), params))
+    print("test, 95% bootstrap intervals over users (model - baseline: paired):")
+    print(f"  {'':<12} {'HR@10':<24} {'NDCG@10':<24} {'HR@50':<24} "
+          f"{'model - it, HR@10':<26} {'model - it, NDCG@10':<26} tuned on validation")
+    for name, ci, diff, params in rows:
+        d = ("", "") if diff is None else (_ci_signed(diff["hr@10"]), _ci_signed(diff["ndcg@10"]))
+        print(f"  {name:<12} {_ci(ci['hr@10']):<24} {_ci(ci['ndcg@10']):<24} {_ci(ci['hr@50']):<24} "
+              f"{d[0]:<26} {d[1]:<26} {params}")
+
+
+def _ci_signed(v) -> str:
+    return f"{v[0]:+.4f} [{v[1]:+.4f}, {v[2]:+.4f}]"
+
+
 def run_eval(args) -> int:
     from .._io import atomic_write_json
     from ..mol.evaluate import evaluate
@@ -157,11 +202,12 @@ def run_eval(args) -> int:
     device = _device(args.device)
     check_mol_run(args.model, args.ratings)  # finished, files as recorded, these very ratings
     res = evaluate(args.model, args.ratings, device=device, k=args.k,
-                   methods=args.methods, repeats=args.repeats)
+                   methods=args.methods, repeats=args.repeats, baselines=args.baselines)
     c = res["n_params"]
     print(f"model: {res['similarity']} head, {c['total']:,} params; {res['n_items']:,} items, "
           f"{res['test']['n_users']} users")
     _print_metrics("test", res["test"])
+    _print_table(res)
     if res["methods"]:
         print(f"top-{res['k']} methods vs exact ({res['n_queries']} queries, seen items excluded):")
         print(f"  {'method':<16} {'recall@k':>9} {'top1 found':>11} {'ms/batch':>10} {'items scored':>13}")

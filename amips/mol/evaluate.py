@@ -4,6 +4,11 @@ Ranking quality: every user's test target is ranked against the whole catalogue 
 head's fp32 grid, the user's earlier items excluded, ties counted against the target):
 HR@1/10/50/200, NDCG@10 and MRR.
 
+Baselines (``baselines=True``): most-popular, item-kNN over the user's recent items and EASE
+(:mod:`amips.mol.baselines`), tuned on the validation targets, ranked by the same rule on the
+same test targets. Every figure comes with a 95% bootstrap interval over users, and each
+baseline with the paired per-user difference model - baseline (:mod:`amips.mol.stats`).
+
 Top-k methods: the test queries of all users go through ``amips.mol.topk`` with every
 method (default parameters, seen items excluded); recall@k is the share of the ``exact``
 top-k ids a method returns (tie-aware: an id counts when its canonical score reaches the
@@ -69,20 +74,45 @@ def compare_methods(rec: Recommender, queries: torch.Tensor, k: int, *, exclude=
     return rows
 
 
+def evaluate_baselines(inter, model_ranks=None, *, names=None, progress: bool = False) -> list[dict]:
+    """Tune and rank every baseline on ``inter``; one JSON-ready row per baseline with its
+    test metrics, their intervals and (given the model's test ranks) model - baseline."""
+    from . import baselines, stats
+
+    rows = []
+    for r in baselines.tune(inter, names or baselines.BASELINES, progress=progress):
+        row = {"name": r["name"], "params": r["params"], "test": ranking_metrics(r["test_ranks"]),
+               "test_ci": stats.summarise(r["test_ranks"]),
+               "validation": ranking_metrics(r["validation_ranks"]), "grid": r["grid"],
+               "test_ranks": r["test_ranks"].tolist()}
+        if model_ranks is not None:
+            row["model_minus_baseline"] = stats.compare(model_ranks, r["test_ranks"])
+        rows.append(row)
+    return rows
+
+
 def evaluate(model_dir: str | os.PathLike, ratings: str | os.PathLike, *, device: str = "cpu",
-             k: int = 10, methods: str = "all", repeats: int = 3) -> dict:
-    """Test-set ranking metrics of the model in ``model_dir`` on ``ratings`` and, for each
+             k: int = 10, methods: str = "all", repeats: int = 3, baselines: bool = False,
+             progress: bool = False) -> dict:
+    """Test-set ranking metrics of the model in ``model_dir`` on ``ratings`` (with 95%
+    bootstrap intervals over users), optionally the baselines beside it, and, for each
     top-k method, recall against exact and latency. Returns a JSON-ready dict."""
+    from . import stats
+
     rec = load(model_dir, device=device)
     inter = load_interactions(ratings, item_ids=rec.item_ids, drop_short=rec.config.get("drop_short", False))
     rec = Recommender(rec.model, inter, rec.config, rec.path)
     if k > inter.n_items:
         raise InputError(f"k: {k} is larger than the number of items ({inter.n_items})")
     with torch.no_grad():
-        test = ranking_metrics(target_ranks(rec.model, inter, "test", device=device))
+        ranks = target_ranks(rec.model, inter, "test", device=device)
+        test = ranking_metrics(ranks)
         out = {"model": str(model_dir), "ratings": str(ratings), "similarity": rec.similarity,
-               "n_params": rec.param_counts(), "n_items": inter.n_items, "test": test, "k": k,
+               "n_params": rec.param_counts(), "n_items": inter.n_items, "test": test,
+               "test_ci": stats.summarise(ranks), "test_ranks": ranks.tolist(), "k": k,
                "n_queries": inter.n_users, "device": str(device), "methods": []}
+        if baselines:
+            out["baselines"] = evaluate_baselines(inter, ranks, progress=progress)
         runs = _method_runs(methods) if methods != "none" else None
         if runs is not None:
             queries = rec.encode_users(inter.user_ids)

@@ -42,7 +42,7 @@ CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.json"
 
 DEFAULT_MODEL = {
-    "d": 64, "n_layers": 2, "n_heads": 2, "max_len": 50, "dropout": 0.2,
+    "d": 64, "n_layers": 2, "n_heads": 2, "max_len": 50, "dropout": 0.3,
     "p_q": 4, "p_x": 4, "d_p": 32, "tau": 0.05, "gating": "full", "gate_hidden": 32,
     "gate_dropout": 0.2,
 }
@@ -110,6 +110,20 @@ def ranking_metrics(ranks: np.ndarray) -> dict:
     return out
 
 
+def rank_targets(scores: torch.Tensor, histories, targets) -> np.ndarray:
+    """0-based full-catalogue rank of each row's target: ``scores`` [B, n_items] (changed in
+    place), items of the row's history other than the target excluded, ties counted against
+    the target (rank = number of other items scoring >= the target). The one ranking rule of
+    the learned model and every baseline."""
+    tgt = torch.as_tensor(np.asarray(targets), dtype=torch.int64, device=scores.device)
+    for r, h in enumerate(histories):
+        seen = torch.as_tensor(np.unique(np.asarray(h, dtype=np.int64)), device=scores.device)
+        seen = seen[seen != tgt[r]]
+        scores[r, seen] = -math.inf
+    ts = scores.gather(1, tgt[:, None])
+    return ((scores >= ts).sum(1) - 1).cpu().numpy()
+
+
 @torch.no_grad()
 def target_ranks(model: SeqRecModel, inter: Interactions, split: str, *, device="cpu",
                  batch: int = 256) -> np.ndarray:
@@ -121,15 +135,9 @@ def target_ranks(model: SeqRecModel, inter: Interactions, split: str, *, device=
     for a in range(0, inter.n_users, batch):
         us = range(a, min(a + batch, inter.n_users))
         hist = [inter.history(u, split) for u in us]
-        tgt = torch.as_tensor([inter.target(u, split) for u in us], device=device)
+        tgt = [inter.target(u, split) for u in us]
         q = model.encoder.last(pad_left(hist, L).to(device))
-        s = full_scores(model, q)
-        for r, h in enumerate(hist):
-            seen = torch.as_tensor(np.unique(h), device=device)
-            seen = seen[seen != tgt[r]]
-            s[r, seen] = -math.inf
-        ts = s.gather(1, tgt[:, None])
-        ranks[a:a + len(hist)] = ((s >= ts).sum(1) - 1).cpu().numpy()
+        ranks[a:a + len(hist)] = rank_targets(full_scores(model, q), hist, tgt)
     return ranks
 
 

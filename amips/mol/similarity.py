@@ -234,6 +234,9 @@ class MoL(nn.Module):
             ig = self.item_gate(x) if self.has_gate else None
             if not grid:
                 phi, pi = self._score(qc, qg, ic, ig, dropout)
+            elif not self.has_gate:  # one pair, no gate: the grid is one matrix product
+                phi = (qc.flatten(1) @ ic.flatten(1).T) / self.tau
+                pi = torch.ones_like(phi)[..., None] if return_gates else None
             else:
                 step = max(1, _BLOCK_ROWS // max(1, q.shape[0]))
                 outs, gates = [], []
