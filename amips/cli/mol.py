@@ -137,6 +137,7 @@ def run_train(args) -> int:
                     checkpoint_every=args.checkpoint_every, model=model)
     if args.resume and args.overwrite:
         raise InputError("resume: --resume and --overwrite exclude each other")
+    cfg = cfg.resolved()
     cfg.check()
     device = _device(args.device)
     check_input_file(args.ratings, "ratings")
