@@ -19,7 +19,7 @@ from .._validate import InputError
 from ._args import complete_help
 
 # Order in which subcommands appear in --help.
-SUBCOMMANDS = ("demo", "labels", "train", "index", "eval", "mol")
+SUBCOMMANDS = ("demo", "labels", "train", "index", "eval", "tune", "mol")
 
 
 class _Parser(argparse.ArgumentParser):
