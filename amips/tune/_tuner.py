@@ -9,11 +9,11 @@ is not started):
    and, from the same pass, their global top-1, once per index that gets a router;
 2. the first index (about sqrt(n) lists, fp32 keys): centroid routing, exact scan, nprobe
    ascending until the target is met (faiss ParameterSpace's rule), then stop;
-3. the first PQ codes on it: centroid routing over reorder depths;
-4. per-list labels and a multi-head router (the wider one first) for this index: exact and
-   PQ curves, bf16 router scores, probe margins (quantiles of the training queries' gap
-   between their best and second-best list score);
-5. the anchors (faiss IVF-PQ fast-scan + refine, faiss HNSW) over their own parameters;
+3. the first PQ codes on it: centroid routing over reorder depths 20 and 50;
+4. the anchors (faiss IVF-PQ fast-scan + refine, faiss HNSW) over their own parameters;
+5. per-list labels and a multi-head router (the wider one first) for this index: exact and
+   PQ curves (reorder 10..100), bf16 router scores, probe margins (quantiles of the training
+   queries' gap between their best and second-best list score);
 6. the narrower router; further PQ codes (score-aware, other code sizes), each first
    checked at a generous setting and dropped when it cannot reach the target;
 7. other list counts (2x and 0.5x sqrt(n)): built and swept with centroid routing; only
@@ -45,6 +45,7 @@ from ._state import State
 
 NPROBES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 REORDERS = (10, 20, 50, 100)
+CENTROID_REORDERS = (20, 50)  # centroid routing probes many lists: shallow re-scores miss
 REFINES = (20, 50, 100)
 HNSW_EF = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 MARGIN_QUANTILES = (0.15, 0.3)
@@ -237,12 +238,13 @@ class Tuner:
         return out
 
     def pq_options(self) -> list[tuple[int, float | None]]:
+        """4-bit PQ codes to try, in order: 2 dimensions per subspace (1 for d <= 128: small
+        d affords the finer codes), then the same score-aware (T = 0.2), then the other size."""
         d = self.d
-        subs = [m for m in ([d // 2, d] if d <= 128 else [d // 2, d // 4]) if m >= 1 and d % m == 0]
-        opts = [(subs[0], None)]
+        subs = [m for m in ([d, d // 2] if d <= 128 else [d // 2, d // 4]) if m >= 1 and d % m == 0]
+        opts = [(subs[0], None), (subs[0], 0.2)]
         if len(subs) > 1:
-            opts.append((subs[1], None))
-        opts += [(m, 0.2) for m in subs]
+            opts += [(subs[1], None), (subs[1], 0.2)]
         return opts
 
     def build_dir(self, name: str) -> Path:
@@ -547,16 +549,16 @@ class Tuner:
         base, idx = self.index(L1)
         cent = self.runtime_space(base, idx, "centroid")
         pq_name, pq_idx = self.index(L1, pq=pq_opts[0])
-        self.runtime_space(pq_name, pq_idx, "centroid", exact=False)
-        # 4: the wider router
+        self.runtime_space(pq_name, pq_idx, "centroid", exact=False, reorders=CENTROID_REORDERS)
+        # 4: the anchors (a few minutes of builds: cheaper than labels and a router)
+        self.run_anchors()
+        # 5: the wider router
         routers = []
         r1 = self.router(base, self.router_widths[0])
         if r1:
             routers.append(r1)
             self.runtime_space(base, idx, r1)
             self.runtime_space(pq_name, pq_idx, r1, dtypes=("fp32", "bf16"), margins=True, exact=False)
-        # 5: the anchors
-        self.run_anchors()
         # 6: narrower routers, more PQ codes
         for w in self.router_widths[1:]:
             r = self.router(base, w)
@@ -573,7 +575,8 @@ class Tuner:
                 continue
             for rt in ([best_router] + (["centroid"] if best_router != "centroid" else [])):
                 self.runtime_space(name, pidx, rt, dtypes=("fp32",) if rt == "centroid" else ("fp32", "bf16"),
-                                   exact=False, margins=rt != "centroid")
+                                   exact=False, margins=rt != "centroid",
+                                   reorders=CENTROID_REORDERS if rt == "centroid" else REORDERS)
         # 7: other list counts
         best_pq = self._best_pq(L1) or pq_opts[0]
         for L in opts[1:]:
@@ -586,7 +589,7 @@ class Tuner:
                                   f"{f1 / 1e6:.2f} on {base}; no router trained for it")
                 continue
             p2, pidx2 = self.index(L, pq=best_pq)
-            self.runtime_space(p2, pidx2, "centroid", exact=False)
+            self.runtime_space(p2, pidx2, "centroid", exact=False, reorders=CENTROID_REORDERS)
             w = self.routers[best_router]["width"] if best_router != "centroid" else self.router_widths[0]
             r = self.router(b2, w)
             if r:
