@@ -160,7 +160,7 @@ def tune(
         if float(json.loads(done.read_text()).get("budget_s", 0)) >= budget * 60 - 1e-6:
             report = read_report(out)
             return TuneResult.from_report(out, report)
-        done.unlink()  # a larger budget: continue where the last run stopped
+        done.unlink()  # a larger budget: continue where the last run stopped, with what is left
     if resumed:
         log(f"resuming the tune in {out} ({len(state.points())} operating points already measured)")
     tuner = Tuner(keys_np, q_np, test_np, tgt, out, budget_s=budget * 60, memory_bytes=mem, threads=threads,

@@ -73,7 +73,11 @@ class Tuner:
         self.n_val, self.n_test, self.train_steps = n_val, n_test, train_steps
         self.se_margin = float(se_margin)
         self.k = max(10, target.k)
-        self.t0 = time.time()
+        # the budget covers every session of this tune: a resumed run starts with the time the
+        # earlier ones spent (state/clock.json), so kill-and-rerun never adds budget
+        clock = self.state.root / "clock.json"
+        spent = float(json.loads(clock.read_text()).get("spent_s", 0.0)) if clock.exists() else 0.0
+        self.t0 = time.time() - spent
         n, d = keys.shape
         self.n, self.d = n, d
         if router_widths is None:
@@ -173,7 +177,11 @@ class Tuner:
         t = time.time()
         result = fn()
         self.state.save_step(key, {"seconds": round(time.time() - t, 3), "result": result})
+        self.save_clock()
         return result
+
+    def save_clock(self) -> None:
+        atomic_write_json(self.state.root / "clock.json", {"spent_s": round(self.elapsed(), 3)})
 
     # ------------------------------------------------------------------ points
     def measure(self, key: str, meta: dict, call, flops, memory_bytes: int) -> dict:
@@ -202,6 +210,7 @@ class Tuner:
                "flops_per_query": float(flops() if callable(flops) else flops), "memory_bytes": int(memory_bytes),
                "n_queries": len(self.q_val), "threads": self.threads, "measure_seconds": round(time.time() - t, 3)}
         self.state.save_point(row)
+        self.save_clock()
         return row
 
     def meets(self, row: dict) -> bool:
