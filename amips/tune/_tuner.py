@@ -388,8 +388,12 @@ class Tuner:
         def fit():
             labels = self.labels_for(base)
             self.check_clock()
-            # at most a quarter of what is left, so later options still get their turn
-            minutes = max(0.1, min(12.0, 0.25 * self.left() / 60))
+            # at most a quarter of what is left, so later options still get their turn; a router
+            # trained for less than 5% of the budget would only add a useless curve
+            minutes = min(12.0, 0.25 * self.left() / 60)
+            if minutes < 0.05 * self.budget_s / 60:
+                self.notes.append(f"{label}: {minutes:.2f} min left for training; not trained")
+                raise OutOfBudget
             cfg = TrainConfig(model="router-mlp", width=width, depth=2, steps=steps, batch_size=1024,
                               max_minutes=minutes, eval_every=max(100, steps // 8), checkpoint_every=max(100, steps // 8),
                               seed=self.seed, lr=2e-3, warmup=min(100, steps // 10), noise_fraction=0.0, w_key=0.0,
