@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--se-margin", type=float, default=1.645,
                    help="standard errors of the validation metric a point must clear the target by "
                         "(default 1.645: one-sided 95%%)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the query split, k-means, PQ and routers (default 0)")
     add_device(p)
     p.add_argument("--out", help="output folder (resumable)")
     p.add_argument("--report", metavar="DIR", default=None, help="only reprint the report of a finished tune in DIR")
