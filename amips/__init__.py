@@ -14,6 +14,7 @@ from .data import Dataset, load_array, load_dataset, synthetic
 from .index import IVFIndex
 from .labels import exact_top1, exact_topk, partition_top1
 from .models import load_model
+from .tune import tune  # noqa: E402  (the function; the package is amips.tune in sys.modules)
 
 __all__ = [
     "__version__",
@@ -27,4 +28,5 @@ __all__ = [
     "partition_top1",
     "IVFIndex",
     "load_model",
+    "tune",
 ]

@@ -116,6 +116,7 @@ LABELS = ["labels", "--quiet", "--out", "{tmp}/out"]
 BUILD = ["index", "build", "--quiet", "--n-lists", "4", "--out", "{tmp}/out"]
 TRAIN = ["train", "--model", "keynet", "--out", "{tmp}/out", "--quiet", "--device", "cpu", "--steps", "2",
          "--batch-size", "8", "--noise", "0"]
+TUNE = ["tune", "--out", "{tmp}/out", "--budget", "0.1", "--no-progress"]
 EVAL = ["eval", "--index", "{root}/index", "--repeats", "0", "--single", "0", "--max-queries", "2"]
 
 CLI_CASES = [
@@ -171,6 +172,13 @@ CLI_CASES = [
     ("train-out-existing-run", TRAIN[:4] + ["{root}/run"] + TRAIN[5:] + ["--keys", "{keys}", "--queries", "{queries}"], "train", "out: "),
     ("train-overwrite-and-resume", TRAIN + ["--keys", "{keys}", "--queries", "{queries}", "--overwrite", "--resume"], "train", "overwrite"),
     # eval
+    # tune (every check runs before the output folder is touched)
+    ("tune-queries-nan", TUNE + ["--keys", "{keys}", "--queries", "{nan}", "--target", "match@1=0.9"], "tune", "queries"),
+    ("tune-keys-missing", TUNE + ["--keys", "{missing}", "--queries", "{queries}", "--target", "0.9"], "tune", "keys"),
+    ("tune-target-out-of-range", TUNE + ["--keys", "{keys}", "--queries", "{queries}", "--target", "match@1=1.2"],
+     "tune", "target"),
+    ("tune-metric-unknown", TUNE + ["--keys", "{keys}", "--queries", "{queries}", "--target", "ndcg@10=0.9"],
+     "tune", "metric"),
     ("eval-k-5000", EVAL + ["--queries", "{queries}", "--k", "5000"], "eval", "k: must be in [1, 128]"),
     ("eval-k-0", EVAL + ["--queries", "{queries}", "--k", "0"], "eval", "k:"),
     ("eval-nprobe-0", EVAL + ["--queries", "{queries}", "--nprobe", "0"], "eval", "nprobe"),

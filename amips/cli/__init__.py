@@ -22,7 +22,7 @@ from ._args import complete_help
 _USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
 
 # Order in which subcommands appear in --help.
-SUBCOMMANDS = ("demo", "labels", "train", "index", "eval", "mol", "verify")
+SUBCOMMANDS = ("demo", "labels", "train", "index", "eval", "tune", "mol", "verify")
 
 
 class _Parser(argparse.ArgumentParser):
