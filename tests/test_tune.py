@@ -138,7 +138,15 @@ def test_cli_report_reprints(tuned, capsys):
     assert "chosen:" in text and "held-out test" in text and f"nprobe={res.chosen['nprobe']}" in text
 
 
-def test_budget_respected_within_one_configuration(tmp_path):
+def test_budget_respected_within_one_configuration(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from amips.tune import _tuner
+
+    # the tuner's clock runs 20x fast, so the budget runs out mid-search on a machine of any
+    # speed (a real 6 s budget was long enough for the whole search on a quiet machine)
+    start = time.time()
+    monkeypatch.setattr(_tuner, "time", SimpleNamespace(time=lambda: start + 20.0 * (time.time() - start)))
     keys, queries = _data(n_keys=2500, n_queries=2400)
     budget = 0.1
     res = amips.tune(keys, queries, target="match@1=0.999", budget_minutes=budget, out=tmp_path / "o",

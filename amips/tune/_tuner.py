@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -394,17 +395,38 @@ class Tuner:
             if minutes < 0.05 * self.budget_s / 60:
                 self.notes.append(f"{label}: {minutes:.2f} min left for training; not trained")
                 raise OutOfBudget
-            cfg = TrainConfig(model="router-mlp", width=width, depth=2, steps=steps, batch_size=1024,
-                              max_minutes=minutes, eval_every=max(100, steps // 8), checkpoint_every=max(100, steps // 8),
-                              seed=self.seed, lr=2e-3, warmup=min(100, steps // 10), noise_fraction=0.0, w_key=0.0,
-                              val_fraction=0.02)
+            def config(n):
+                return TrainConfig(model="router-mlp", width=width, depth=2, steps=n, batch_size=1024,
+                                   eval_every=max(100, n // 8), checkpoint_every=max(100, n // 8),
+                                   seed=self.seed, lr=2e-3, warmup=min(100, n // 10), noise_fraction=0.0,
+                                   w_key=0.0, val_fraction=0.02)
+
+            def run_train(folder, n, resume=False):
+                with _timing.threads(self.build_threads, self.threads):
+                    return train(self.keys_np, self.q_train, folder, config(n),
+                                 partitions=str(self.build_dir(base) / "partitions.npy"), labels_dir=labels,
+                                 device=str(self.device), resume=resume, progress=False)
+
             t = time.time()
-            with _timing.threads(self.build_threads, self.threads):
-                metrics = train(self.keys_np, self.q_train, run, cfg,
-                                partitions=str(self.build_dir(base) / "partitions.npy"), labels_dir=labels,
-                                device=str(self.device), resume=(run / "config.json").exists(), progress=False)
+            # A run cut off by a time limit is an unfinished run, which no reader uses; so the
+            # time cap becomes a step count: a short probe run measures this machine's step
+            # rate, and the router trains that many steps to the end (a resumed run keeps its
+            # planned count, read back from its config)
+            cfg_path = run / "config.json"
+            if cfg_path.exists():
+                n_steps = int(json.loads(cfg_path.read_text())["train"]["steps"])
+            else:
+                probe_steps = min(steps, 100)
+                probe = run.parent / f".{run.name}-probe"
+                shutil.rmtree(probe, ignore_errors=True)
+                tp = time.time()
+                run_train(probe, probe_steps)
+                rate = probe_steps / max(time.time() - tp, 1e-3)
+                shutil.rmtree(probe, ignore_errors=True)
+                n_steps = max(probe_steps, min(steps, int(0.9 * rate * 60 * minutes)))
+            metrics = run_train(run, n_steps, resume=cfg_path.exists())
             secs = time.time() - t
-            self.log(f"router-mlp {width} x 2 for {base}: {secs:.0f} s ({minutes:.1f} min cap)")
+            self.log(f"router-mlp {width} x 2 for {base}: {n_steps} steps in {secs:.0f} s ({minutes:.1f} min cap)")
             return {"seconds": round(secs, 1), "metrics": {k: v for k, v in (metrics or {}).items()
                                                            if isinstance(v, (int, float))}}
 
