@@ -17,6 +17,7 @@ OLD_TAG = ".amips-old-"
 # how a folder is recognised as an amips artifact: every name of one of the groups exists
 # (names specific enough that a foreign folder does not carry them by chance)
 _KIND_MARKERS = (
+    ("tune", (("state/fingerprint.json",),)),
     ("index", (("lists.safetensors",), (".kmeans-stage.json",), (".incomplete", "centroids.npy"),
                ("index.json", "partitions.npy"))),
     ("labels", (("labels.json",), (".amips_labels_partial",))),
@@ -37,12 +38,14 @@ OWN_NAMES = {
                      "state.json", "split.json", "labels", "noisy"},
     "mol run": {"config.json", "model.safetensors", "interactions.safetensors", "checkpoint.safetensors",
                 "metrics.json"},
+    "tune": {"state", "index", "router", "report.json", "report.txt", "frontier.csv", "points.csv",
+             "frontier.png"},
 }
 
 
 def artifact_kind(path: str | os.PathLike) -> str | None:
     """The kind of amips artifact the folder ``path`` holds ('index', 'labels', 'training
-    run', 'mol run', 'demo run'), or None for an empty or foreign folder."""
+    run', 'mol run', 'demo run', 'tune'), or None for an empty or foreign folder."""
     p = Path(path)
     if not p.is_dir():
         return None

@@ -248,6 +248,44 @@ def test_overwrite_refuses_a_folder_of_foreign_files(w, capsys):
     attack(capsys, [*_index(w, w / "mine"), "--overwrite"], [w / "mine"], expect="not an amips index")
 
 
+# `amips tune` resumes in place, so it is not in WRITERS (whose --overwrite swaps a
+# replacement in); its output is checked and locked the same way, and --overwrite restarts
+# a tune only after every input has been checked
+def _tune(w, out, **kw):
+    return ["tune", "--keys", kw.get("keys", w / "keys.npy"), "--queries", kw.get("queries", w / "queries.npy"),
+            "--target", "match@1=0.5", "--budget", "0.05", "--no-progress", "--out", out, *kw.get("extra", [])]
+
+
+def _fake_tune(folder: Path) -> Path:
+    (folder / "state").mkdir(parents=True)
+    (folder / "state" / "fingerprint.json").write_text('{"version": 1}\n')
+    (folder / "report.json").write_text('{"reached": true}\n')
+    return folder
+
+
+@pytest.mark.parametrize("special", ["fifo", "symlink-to-dev-null", "file"])
+def test_tune_never_replaces_a_special_output(special, w, capsys):
+    out = w / "special"
+    if special == "fifo":
+        os.mkfifo(out)
+    elif special == "file":
+        out.write_text("not a folder\n")
+    else:
+        out.symlink_to("/dev/null")
+    for overwrite in ([], ["--overwrite"]):
+        attack(capsys, [*_tune(w, out), *overwrite], [out])
+
+
+def test_tune_inside_or_over_another_kind_of_artifact_and_typos(w, capsys, live_pid):
+    attack(capsys, _tune(w, w / "ix" / "sub"), [w / "ix"], expect="inside")
+    attack(capsys, [*_tune(w, w / "ix"), "--overwrite"], [w / "ix"], expect="holds an amips index")
+    old = _fake_tune(w / "old-tune")
+    attack(capsys, [*_tune(w, old, queries=w / "missing.npy"), "--overwrite"], [old], expect="queries")
+    _write_lock(old, live_pid)
+    line = attack(capsys, [*_tune(w, old), "--overwrite"], [old], expect=f"pid {live_pid}")
+    assert "amips test-holder" in line
+
+
 # --------------------------------------------------------------------------------------
 # concurrent writers: a lock held by a live process, taken over from a dead one
 # --------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .._validate import InputError
-from ._args import add_device, add_overwrite
+from ._args import add_device, add_overwrite, artifact_output, command_line
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,13 +59,17 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("keys", "queries", "target", "out"):
         if getattr(args, flag) is None:
             raise InputError(f"--{flag}: required (or --report DIR to reprint a finished tune)")
-    result = tune(
-        args.keys, args.queries, target=args.target, metric=args.metric, out=args.out,
-        budget_minutes=args.budget, memory_gb=args.memory_gb, threads=args.threads,
-        build_threads=args.build_threads, device=args.device, test_queries=args.test_queries,
-        overwrite=args.overwrite, seed=args.seed, repeats=args.repeats, n_val=args.n_val, n_test=args.n_test,
-        se_margin=args.se_margin,
-        progress=not args.no_progress,
-    )
+    # checked up front (no special file, not inside or over another kind of artifact) and
+    # locked against a second writer; a tune resumes in place, so --overwrite is the tune's
+    # own (it restarts, after every input has been checked)
+    with artifact_output(args.out, "out", kind="tune", overwrite=False, command=command_line(args)) as out:
+        result = tune(
+            args.keys, args.queries, target=args.target, metric=args.metric, out=out,
+            budget_minutes=args.budget, memory_gb=args.memory_gb, threads=args.threads,
+            build_threads=args.build_threads, device=args.device, test_queries=args.test_queries,
+            overwrite=args.overwrite, seed=args.seed, repeats=args.repeats, n_val=args.n_val, n_test=args.n_test,
+            se_margin=args.se_margin,
+            progress=not args.no_progress,
+        )
     print(result.summary())
     return 0 if result.reached else NOT_REACHED
