@@ -184,10 +184,8 @@ def test_overwrite_failing_mid_work_keeps_the_old_artifact(cmd, w, capsys):
     attack(capsys, [*build(w, w / artifact, **LATE[cmd](w)), "--overwrite"], [w / artifact])
 
 
-@pytest.mark.parametrize("cmd", list(WRITERS))
-@pytest.mark.parametrize("special", ["fifo", "symlink-to-dev-null", "file"])
-def test_special_file_as_output_folder_is_never_replaced(cmd, special, w, capsys):
-    build, _, _ = WRITERS[cmd]
+def _special_output(w: Path, special: str) -> Path:
+    """An output path that is a FIFO, a regular file or a symlink to /dev/null."""
     out = w / "special"
     if special == "fifo":
         os.mkfifo(out)
@@ -195,6 +193,14 @@ def test_special_file_as_output_folder_is_never_replaced(cmd, special, w, capsys
         out.write_text("not a folder\n")
     else:
         out.symlink_to("/dev/null")
+    return out
+
+
+@pytest.mark.parametrize("cmd", list(WRITERS))
+@pytest.mark.parametrize("special", ["fifo", "symlink-to-dev-null", "file"])
+def test_special_file_as_output_folder_is_never_replaced(cmd, special, w, capsys):
+    build, _, _ = WRITERS[cmd]
+    out = _special_output(w, special)
     for overwrite in ([], ["--overwrite"]):
         attack(capsys, [*build(w, out), *overwrite], [out])
 
@@ -265,13 +271,7 @@ def _fake_tune(folder: Path) -> Path:
 
 @pytest.mark.parametrize("special", ["fifo", "symlink-to-dev-null", "file"])
 def test_tune_never_replaces_a_special_output(special, w, capsys):
-    out = w / "special"
-    if special == "fifo":
-        os.mkfifo(out)
-    elif special == "file":
-        out.write_text("not a folder\n")
-    else:
-        out.symlink_to("/dev/null")
+    out = _special_output(w, special)
     for overwrite in ([], ["--overwrite"]):
         attack(capsys, [*_tune(w, out), *overwrite], [out])
 
